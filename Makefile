@@ -1,0 +1,30 @@
+# `make test` builds everything it needs from scratch on a fresh machine, then runs the suite.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test run lint bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU wheel first: a bare `torch` requirement would otherwise pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+run: $(STAMP)
+	$(VENV)/bin/idefics-bot run
+
+bench: $(STAMP)
+	$(PY) bench/batching.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,81 @@
+"""The one settings object: read once from the environment (and `.env`), then passed down.
+
+Every name here is documented in the README's configuration table. Each package receives only the
+part it needs, as its own small config dataclass (see `model_config()`, `image_limits()`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.images import ImageLimits
+from model_server.config import ModelConfig
+
+DEFAULT_MODEL = "BOINCAIM4/idefics-9b-instruct"
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/idefics-bot.sqlite3"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_dev_guild_id: int | None = None
+    answer_dms: bool = True
+    answer_bots: bool = False
+    user_max_inflight: int = Field(default=2, ge=1)
+    user_max_per_minute: int = Field(default=10, ge=1)
+
+    # Model
+    idefics_model: str = DEFAULT_MODEL
+    idefics_device: Literal["auto", "cuda", "cpu"] = "auto"
+    idefics_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    idefics_quantization: Literal["none", "4bit", "8bit"] = "none"
+    generation_backend: Literal["local", "tgi"] = "local"
+    tgi_url: str | None = None
+
+    # Generation and queueing
+    max_batch_size: int = Field(default=8, ge=1)
+    max_queue: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=180.0, gt=0)
+    max_new_tokens: int = Field(default=256, ge=1, le=1024)
+    max_images_per_prompt: int = Field(default=4, ge=0, le=16)
+    system_prompt: str | None = None
+
+    # Images
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_images_per_message: int = Field(default=4, ge=1)
+    download_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Storage and logs
+    database_url: str = DEFAULT_DATABASE_URL
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("system_prompt", "tgi_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def model_config_for(self, model: str | None = None) -> ModelConfig:
+        """The model server's part of the settings; `model` overrides `IDEFICS_MODEL` (the `--model` flag)."""
+        return ModelConfig(
+            model=model or self.idefics_model,
+            device=self.idefics_device,
+            dtype=self.idefics_dtype,
+            quantization=self.idefics_quantization,
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            request_timeout_s=self.request_timeout_s,
+        )
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            max_bytes=self.max_image_bytes,
+            max_pixels=self.max_image_pixels,
+            max_count=self.max_images_per_message,
+            timeout_s=self.download_timeout_s,
+        )

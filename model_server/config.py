@@ -1,0 +1,21 @@
+"""What the model server needs from the settings, as one frozen value (no pydantic, no environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str
+    """Hub id or local folder of an IDEFICS checkpoint (base or instruct)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    max_batch_size: int = 8
+    """Most requests generated together in one batch."""
+    max_queue: int = 64
+    """Most requests waiting; past it `submit` raises `Busy`."""
+    request_timeout_s: float = 180.0
+    """Longest a request may take from submission to its last token."""
