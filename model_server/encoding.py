@@ -1,0 +1,83 @@
+"""Prompts to model tensors, without the processor's URL fetching.
+
+`IdeficsProcessor.__call__` downloads any text item that looks like a bare URL, with no timeout. We
+build the same tensors ourselves: the text is `prompt.prompt_text` (the processor's own rules for
+image tokens and item stripping), tokenized with left padding, and images go through the image
+processor as the `PIL.Image` objects our downloader already checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.models.idefics.processing_idefics import (
+    image_attention_mask_for_packed_input_ids,
+    incremental_to_binary_attention_mask,
+)
+
+from model_server.prompt import prompt_text
+from model_server.types import Prompt
+
+
+@dataclass
+class EncodedBatch:
+    input_ids: torch.Tensor
+    """(batch, tokens), left padded."""
+    attention_mask: torch.Tensor
+    """(batch, tokens): 0 on padding."""
+    pixel_values: torch.Tensor
+    """(batch, images, channels, height, width); rows with fewer images are zero-padded."""
+    image_attention_mask: torch.Tensor
+    """(batch, tokens, images): which image each text token may attend to."""
+    prompt_lengths: list[int]
+    """Tokens of each prompt without padding."""
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> EncodedBatch:
+        return EncodedBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            pixel_values=self.pixel_values.to(device=device, dtype=dtype),
+            image_attention_mask=self.image_attention_mask.to(device),
+            prompt_lengths=self.prompt_lengths,
+        )
+
+
+def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence]) -> EncodedBatch:
+    """Tensors for already rendered prompt texts (with `<image>` tokens) and their images, in order."""
+    tokenizer = processor.tokenizer
+    text_encoding = tokenizer(
+        list(texts), add_special_tokens=False, padding="longest", return_tensors="pt"
+    )
+    input_ids = text_encoding["input_ids"]
+    attention_mask = text_encoding["attention_mask"]
+    image_processor = processor.image_processor
+    dims = (image_processor.image_num_channels, image_processor.image_size, image_processor.image_size)
+    max_images = max(1, *(len(row) for row in images))
+    pixel_values = torch.zeros(len(texts), max_images, *dims)
+    for row, row_images in enumerate(images):
+        if row_images:
+            processed = image_processor(list(row_images), return_tensors="pt")
+            # The IDEFICS image processor returns a bare tensor; other versions a BatchFeature.
+            if not isinstance(processed, torch.Tensor):
+                processed = processed["pixel_values"]
+            pixel_values[row, : len(row_images)] = processed
+    if any(images):
+        incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, tokenizer, "pt")
+        image_attention_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=max_images)
+    else:
+        image_attention_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1], 1, dtype=torch.long)
+    return EncodedBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_attention_mask=image_attention_mask,
+        prompt_lengths=[int(n) for n in attention_mask.sum(dim=1)],
+    )
+
+
+def encode(processor, prompts: Sequence[Prompt]) -> EncodedBatch:
+    bos = processor.tokenizer.bos_token
+    texts = [prompt_text(p.items, bos=bos) for p in prompts]
+    return encode_texts(processor, texts, [p.images for p in prompts])

@@ -1,0 +1,361 @@
+"""The generation executor: coroutines submit, one model thread batches and generates.
+
+The event loop never runs model code. `submit` puts a request in a bounded queue (past the bound it
+raises `Busy`); the model thread takes the oldest request and every compatible one behind it, up to
+`max_batch_size` rows (`scheduler.pick_batch`), runs the batch on the engine and hands each row's
+text deltas and result back to the loop that asked. A batch that runs out of memory is split in
+halves and retried; a batch that raises otherwise is retried one request at a time, so one bad
+request fails alone and the executor keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from model_server.config import ModelConfig
+from model_server.errors import Busy, ExecutorClosed, GenerationFailed, RequestTimeout
+from model_server.scheduler import Waiting, pick_batch, split_in_halves
+from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class Engine(Protocol):
+    """What the executor needs from a model: `engine.LocalEngine` is the in-process one."""
+
+    def generate(self, rows: Sequence) -> None: ...
+    def beam_search(self, rows: Sequence) -> None: ...
+    def score(self, prompt: Prompt, continuations: Sequence[str], chunk: int) -> list[float]: ...
+    def free_memory(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch the model thread ran, for `/status`, tests and benchmarks."""
+
+    size: int
+    kind: str
+    started: float
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class ExecutorStats:
+    queue_length: int
+    running: int
+    completed: int
+    failed: int
+    median_latency_s: float | None
+    """Median of the last 200 results, submission to last token."""
+    batches: int
+
+
+@dataclass(eq=False)
+class _Job:
+    id: int
+    kind: str
+    """"generate", "beam" or "rank"."""
+    prompt: Prompt
+    categories: tuple[str, ...]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    deltas: asyncio.Queue
+    submitted: float
+    deadline: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    sent: str = ""
+    batch_size: int = 0
+
+    def post(self, callback, *args) -> None:
+        # The loop may already be closed when a cancelled request finishes late; nobody is waiting then.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
+
+
+class RequestHandle:
+    """A submitted request: iterate it for text deltas, await `result()` for the final answer."""
+
+    def __init__(self, executor: Executor, job: _Job) -> None:
+        self._executor = executor
+        self._job = job
+
+    @property
+    def id(self) -> int:
+        return self._job.id
+
+    def ahead(self) -> int:
+        """Requests that will start before this one (0 once it runs)."""
+        return self._executor._ahead(self._job)
+
+    def cancel(self) -> None:
+        self._executor._cancel(self._job)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._job.deltas.get()
+            if item is _END:
+                return
+            yield item
+
+    async def result(self) -> GenerationResult:
+        try:
+            # The model thread enforces the deadline; the extra minute only guards against a stuck thread.
+            remaining = self._job.deadline - time.monotonic() + 60.0
+            return await asyncio.wait_for(asyncio.shield(self._job.future), timeout=max(remaining, 1.0))
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        except TimeoutError as exc:
+            self.cancel()
+            raise RequestTimeout("no result from the model thread") from exc
+
+
+class Executor:
+    """Batched generation on one model thread. Use as `async with Executor(engine, config) as ex:`."""
+
+    def __init__(self, engine: Engine, config: ModelConfig, *, batch_window_s: float = 0.005) -> None:
+        self.engine = engine
+        self.config = config
+        self.batch_window_s = batch_window_s
+        self._waiting: list[_Job] = []
+        self._running: list[_Job] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._latencies: deque[float] = deque(maxlen=200)
+        self._completed = 0
+        self._failed = 0
+        self.batches: deque[BatchRecord] = deque(maxlen=1000)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def __aenter__(self) -> Executor:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="model-thread", daemon=True)
+        self._thread.start()
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests; let queued and running ones finish for `grace_s`, then cancel the rest."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if grace_s > 0:
+            await asyncio.to_thread(self._wait_idle, grace_s)
+        with self._cond:
+            dropped, self._waiting = self._waiting, []
+            for job in self._running:
+                job.cancelled.set()
+            self._cond.notify_all()
+        for job in dropped:
+            self._fail(job, ExecutorClosed("executor closed before the request started"))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+
+    def _wait_idle(self, timeout_s: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._waiting and not self._running, timeout_s)
+
+    # -- submitting ------------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
+        kind = "beam" if prompt.params.decoding == "beam" and prompt.params.num_beams > 1 else "generate"
+        return RequestHandle(self, self._enqueue(kind, prompt, (), timeout_s))
+
+    async def generate(self, prompt: Prompt, *, timeout_s: float | None = None) -> GenerationResult:
+        return await self.submit(prompt, timeout_s=timeout_s).result()
+
+    async def rank(self, prompt: Prompt, categories: Sequence[str], *,
+                   timeout_s: float | None = None) -> list[RankedCategory]:
+        """Every category scored by its likelihood after `prompt`, most likely first."""
+        job = self._enqueue("rank", prompt, tuple(categories), timeout_s)
+        return await RequestHandle(self, job).result()  # type: ignore[return-value]
+
+    def _enqueue(self, kind: str, prompt: Prompt, categories: tuple[str, ...],
+                 timeout_s: float | None) -> _Job:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        job = _Job(
+            id=next(self._ids), kind=kind, prompt=prompt, categories=categories, loop=loop,
+            future=loop.create_future(), deltas=asyncio.Queue(), submitted=now,
+            deadline=now + (timeout_s or self.config.request_timeout_s),
+        )
+        with self._cond:
+            if self._closing:
+                raise ExecutorClosed("executor is closing")
+            if len(self._waiting) >= self.config.max_queue:
+                raise Busy(len(self._waiting), self.config.max_queue)
+            self._waiting.append(job)
+            self._cond.notify()
+        log.debug("request %d queued: kind=%s images=%d", job.id, kind, len(prompt.images))
+        return job
+
+    def _ahead(self, job: _Job) -> int:
+        with self._cond:
+            try:
+                return self._waiting.index(job)
+            except ValueError:
+                return 0
+
+    def _cancel(self, job: _Job) -> None:
+        job.cancelled.set()
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+            else:
+                return
+        self._complete(job, "", FinishReason.CANCELLED, 0, 0)
+
+    def stats(self) -> ExecutorStats:
+        with self._cond:
+            waiting, running = len(self._waiting), len(self._running)
+        latencies = list(self._latencies)
+        return ExecutorStats(
+            queue_length=waiting, running=running, completed=self._completed, failed=self._failed,
+            median_latency_s=statistics.median(latencies) if latencies else None, batches=len(self.batches),
+        )
+
+    # -- the model thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closing:
+                    self._cond.wait()
+                if not self._waiting:
+                    return
+                if self.batch_window_s > 0 and len(self._waiting) < self.config.max_batch_size:
+                    # A short pause lets requests that arrive together (several channels) share a batch.
+                    self._cond.wait(self.batch_window_s)
+                batch = self._take_batch()
+            if batch:
+                started = time.monotonic()
+                self._execute(batch)
+                self.batches.append(BatchRecord(len(batch), batch[0].kind, started, time.monotonic() - started))
+                with self._cond:
+                    self._running = []
+                    self._cond.notify_all()
+
+    def _take_batch(self) -> list[_Job]:
+        now = time.monotonic()
+        expired = [j for j in self._waiting if j.deadline < now]
+        for job in expired:
+            self._waiting.remove(job)
+            self._fail(job, RequestTimeout(f"request {job.id} expired in the queue"))
+        entries = [Waiting(j, self._batch_key(j), self._weight(j)) for j in self._waiting]
+        chosen = [w.item for w in pick_batch(entries, self.config.max_batch_size)]
+        for job in chosen:
+            self._waiting.remove(job)
+            job.started = now
+            job.batch_size = len(chosen)
+        self._running = chosen
+        return chosen
+
+    @staticmethod
+    def _batch_key(job: _Job) -> object:
+        # Scoring runs alone: its rows are the categories, not other requests.
+        return ("rank", job.id) if job.kind == "rank" else job.prompt.params.batch_key()
+
+    @staticmethod
+    def _weight(job: _Job) -> int:
+        return job.prompt.params.num_beams if job.kind == "beam" else 1
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        from model_server.engine import Row, is_out_of_memory
+
+        rows = [
+            Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, sent=j.sent,
+                on_delta=lambda delta, j=j: self._delta(j, delta),
+                on_done=lambda text, reason, p, c, first, j=j: self._complete(j, text, reason, p, c, first))
+            for j in jobs
+        ]
+        try:
+            if jobs[0].kind == "rank":
+                self._rank(jobs[0])
+            elif jobs[0].kind == "beam":
+                self.engine.beam_search(rows)
+            else:
+                self.engine.generate(rows)
+        except Exception as exc:
+            pending = [j for j, r in zip(jobs, rows, strict=True) if not r.done and not j.future.done()]
+            oom = is_out_of_memory(exc)
+            log.warning("batch of %d failed (%s%s); %d to retry", len(jobs), type(exc).__name__,
+                        ", out of memory" if oom else "", len(pending) if len(jobs) > 1 else 0,
+                        exc_info=not oom)
+            if oom:
+                self.engine.free_memory()
+            if len(jobs) == 1 or not pending:
+                for job in pending:
+                    message = ("the model ran out of memory on this request; try fewer images or a shorter "
+                               "message") if oom else None
+                    self._fail(job, GenerationFailed(f"{type(exc).__name__}: {exc}", user_message=message))
+                return
+            for part in (split_in_halves(pending) if oom else [[j] for j in pending]):
+                if part:
+                    self._execute(part)
+
+    def _rank(self, job: _Job) -> None:
+        scores = self.engine.score(job.prompt, job.categories, self.config.max_batch_size)
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        total = sum(weights)
+        ranked = sorted(
+            (RankedCategory(c, w / total, s) for c, w, s in zip(job.categories, weights, scores, strict=True)),
+            key=lambda r: r.probability, reverse=True,
+        )
+        self._record_latency(job)
+        job.post(self._resolve, job, ranked)
+
+    # -- handing results back to the event loop --------------------------------------------------
+    def _delta(self, job: _Job, delta: str) -> None:
+        job.sent += delta
+        job.post(job.deltas.put_nowait, delta)
+
+    def _complete(self, job: _Job, text: str, reason: FinishReason, prompt_tokens: int,
+                  completion_tokens: int, first_token_at: float | None = None) -> None:
+        now = time.monotonic()
+        result = GenerationResult(
+            text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            queued_s=((job.started or now) - job.submitted),
+            first_token_s=None if first_token_at is None else first_token_at - job.submitted,
+            total_s=now - job.submitted, batch_size=job.batch_size,
+        )
+        self._record_latency(job)
+        log.info("request %d done: %s, %d+%d tokens, batch %d, %.2fs", job.id, reason.value, prompt_tokens,
+                 completion_tokens, job.batch_size, result.total_s)
+        job.post(self._resolve, job, result)
+
+    def _record_latency(self, job: _Job) -> None:
+        self._completed += 1
+        self._latencies.append(time.monotonic() - job.submitted)
+
+    def _fail(self, job: _Job, exc: Exception) -> None:
+        self._failed += 1
+        log.warning("request %d failed: %s", job.id, exc)
+        job.post(self._resolve, job, exc)
+
+    @staticmethod
+    def _resolve(job: _Job, outcome: object) -> None:
+        if not job.future.done():
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+        job.deltas.put_nowait(_END)

@@ -1,0 +1,194 @@
+"""Loading an IDEFICS checkpoint (hub id or local folder) onto the right device, dtype and quantization."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_server.config import ModelConfig
+from model_server.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+END_OF_UTTERANCE = "<end_of_utterance>"
+IMAGE_TOKEN = "<image>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+# IDEFICS was trained on sequences of at most 2048 tokens.
+TRAINED_POSITIONS = 2048
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LoadedModel:
+    """A model and its processor, ready for the executor's thread."""
+
+    name: str
+    model: Any
+    """`IdeficsForVisionText2Text`, in eval mode."""
+    processor: Any
+    """`IdeficsProcessor`; its tokenizer pads on the left."""
+    device: torch.device
+    """Where inputs go (the first device when accelerate spread the model over several)."""
+    dtype: torch.dtype
+    instruct: bool
+    """True when the tokenizer knows `<end_of_utterance>` (the instruct checkpoints)."""
+    stop_token_ids: tuple[int, ...]
+    """Tokens that end an answer: `<end_of_utterance>` for instruct checkpoints, and `</s>`."""
+    bad_words_ids: list[list[int]]
+    """`<image>` and `<fake_token_around_image>`: the model must never write them."""
+    max_positions: int
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            "IDEFICS_DEVICE=cuda but torch sees no CUDA device",
+            user_message="IDEFICS_DEVICE=cuda, but no CUDA GPU is available (use cpu or auto)",
+        )
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        # Ampere and newer compute in bfloat16 natively; older GPUs only in float16.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> Any | None:
+    if quantization == "none":
+        return None
+    if device != "cuda":
+        raise ModelLoadError(
+            f"quantization {quantization} requested on {device}",
+            user_message=f"IDEFICS_QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes runs on CUDA only)",
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            "bitsandbytes is not installed",
+            user_message=f"IDEFICS_QUANTIZATION={quantization} needs bitsandbytes: pip install 'idefics-bot[quant]'",
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            # The vision tower and the output head stay in full precision: quantizing them hurts most.
+            llm_int8_skip_modules=["lm_head", "embed_tokens"],
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"])
+
+
+def _special_token_id(tokenizer: Any, token: str) -> int | None:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        return None
+    return int(token_id)
+
+
+def is_instruct_tokenizer(tokenizer: Any) -> bool:
+    """Instruct checkpoints were trained with `<end_of_utterance>` as a token of its own; base ones were not."""
+    return _special_token_id(tokenizer, END_OF_UTTERANCE) is not None
+
+
+def load_processor(name: str) -> Any:
+    """The processor alone (tokenizer + image processor): enough to render and count, no weights."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from exc
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token
+    return processor
+
+
+def _load_error(name: str, exc: Exception) -> ModelLoadError:
+    where = "local folder" if Path(name).exists() else "hub id"
+    return ModelLoadError(
+        f"loading {name!r} ({where}) failed: {exc}",
+        user_message=f"cannot load the model {name!r}: not a complete local checkpoint folder, "
+        "and the hub could not provide it",
+    )
+
+
+def load_model(config: ModelConfig, progress: Progress | None = None) -> LoadedModel:
+    """Load processor and model as `config` says; `progress` receives one line per step."""
+    from transformers import IdeficsForVisionText2Text
+
+    say = progress or (lambda line: log.info("%s", line))
+    started = time.monotonic()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    quant = quantization_config(config.quantization, dtype, device)
+
+    say(f"loading processor for {config.model}")
+    processor = load_processor(config.model)
+    tokenizer = processor.tokenizer
+
+    say(f"loading model {config.model} on {device} in {str(dtype).removeprefix('torch.')}"
+        + (f", {config.quantization} quantized" if quant is not None else ""))
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device == "cuda":
+        # accelerate spreads a checkpoint too large for one GPU (80B) over all visible GPUs.
+        kwargs["device_map"] = "auto"
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = IdeficsForVisionText2Text.from_pretrained(config.model, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(config.model, exc) from exc
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"out of memory loading {config.model}: {exc}",
+            user_message="not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
+        ) from exc
+    if device == "cpu":
+        model.to("cpu")
+    model.eval()
+
+    eou = _special_token_id(tokenizer, END_OF_UTTERANCE)
+    stops = tuple(t for t in (eou, tokenizer.eos_token_id) if t is not None)
+    bad = [[i] for i in (_special_token_id(tokenizer, IMAGE_TOKEN), _special_token_id(tokenizer, FAKE_IMAGE_TOKEN))
+           if i is not None]
+    positions = min(TRAINED_POSITIONS, int(getattr(model.config, "max_position_embeddings", TRAINED_POSITIONS)))
+    first_device = next(model.parameters()).device
+    loaded = LoadedModel(
+        name=config.model,
+        model=model,
+        processor=processor,
+        device=first_device,
+        dtype=dtype,
+        instruct=eou is not None,
+        stop_token_ids=stops,
+        bad_words_ids=bad,
+        max_positions=positions,
+    )
+    params = sum(p.numel() for p in model.parameters())
+    say(f"model ready: {params / 1e6:.1f}M parameters, {'instruct' if loaded.instruct else 'base'} checkpoint, "
+        f"{time.monotonic() - started:.1f}s")
+    return loaded
