@@ -1,0 +1,150 @@
+"""Opening a database: engine, SQLite pragmas, Alembic migrations, and the `Store` built on top.
+
+    async with open_database(settings.database_url) as db:
+        await db.store.append_message(...)
+
+`main()` opens it once and hands `db.store` down (one engine per process); the engine is disposed when
+the block exits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import URL, Connection, event, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from storage.errors import DatabaseUnavailable
+from storage.store import DEFAULT_MAX_IMAGE_BYTES, Store
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+# busy_timeout first, so that switching the journal mode waits for a lock instead of failing.
+# WAL lets readers (window loads) run while a writer appends; NORMAL is durable enough in WAL mode (a
+# power cut may lose the last commits, never corrupt) and saves one fsync per commit.
+SQLITE_PRAGMAS = (
+    "PRAGMA busy_timeout=5000",
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",  # off by default in SQLite; the ON DELETE CASCADEs depend on it
+)
+
+
+@dataclass(frozen=True)
+class Database:
+    """An open database. `store` is the whole query API; `engine` and `sessions` are for tests and tools."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    store: Store
+
+
+@asynccontextmanager
+async def open_database(
+    url: str, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> AsyncIterator[Database]:
+    """Open (creating if needed) and migrate the database at `url`; dispose of the engine on exit.
+
+    `url`: an SQLAlchemy async URL, e.g. `sqlite+aiosqlite:///./data/idefics-bot.sqlite3` or
+    `postgresql+asyncpg://user:pass@host/db` (needs the `postgres` extra).
+    `max_image_bytes`: the store refuses larger image blobs with `ImageTooLarge`.
+    """
+    try:
+        sa_url = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUnavailable(f"cannot parse database URL: {exc}") from exc
+    shown = sa_url.render_as_string(hide_password=True)
+    engine = _create_engine(sa_url)
+    try:
+        try:
+            await _migrate(engine)
+        except (DBAPIError, OSError) as exc:
+            raise DatabaseUnavailable(f"cannot open or migrate {shown}: {exc}") from exc
+        sessions = async_sessionmaker(engine, expire_on_commit=False)
+        log.info("database open: %s", shown)
+        yield Database(
+            engine=engine,
+            sessions=sessions,
+            store=Store(sessions, dialect_name=engine.dialect.name, max_image_bytes=max_image_bytes),
+        )
+    finally:
+        await engine.dispose()
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config built in code (no alembic.ini needed at run time).
+
+    With `connection`, `migrations/env.py` runs on it instead of opening its own engine.
+    """
+    config = Config()
+    # ConfigParser interpolation: a literal % in the path must be doubled.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _create_engine(url: URL) -> AsyncEngine:
+    is_sqlite = url.get_backend_name() == "sqlite"
+    if is_sqlite:
+        _make_parent_folder(url)
+    try:
+        # The driver (aiosqlite, asyncpg) is imported here, on demand: a SQLite install needs no asyncpg.
+        engine = create_async_engine(url, pool_pre_ping=not is_sqlite)
+    except ImportError as exc:
+        raise DatabaseUnavailable(
+            f"database driver for {url.drivername} is not installed: {exc}",
+            user_message="The database driver is missing (PostgreSQL: pip install 'idefics-bot[postgres]').",
+        ) from exc
+    if is_sqlite:
+        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+def _make_parent_folder(url: URL) -> None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatabaseUnavailable(f"cannot create the folder of {database}: {exc}") from exc
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Per connection: these pragmas (except journal_mode) do not persist in the file.
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+    finally:
+        cursor.close()
+
+
+async def _migrate(engine: AsyncEngine) -> None:
+    """Upgrade to the latest revision, on a connection of `engine` (idempotent)."""
+    is_sqlite = engine.dialect.name == "sqlite"
+    async with engine.connect() as connection:
+        if is_sqlite:
+            # SQLite "batch" migrations copy a table and drop the old one; with foreign keys on, that DROP
+            # would cascade into the rows that reference it. The pragma only takes effect outside a
+            # transaction, hence here and after the commit below.
+            await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        await connection.run_sync(_upgrade)
+        await connection.commit()
+        if is_sqlite:
+            await connection.exec_driver_sql("PRAGMA foreign_keys=ON")  # back before the pool reuses it
+
+
+def _upgrade(connection: Connection) -> None:
+    command.upgrade(alembic_config(connection), "head")

@@ -1,0 +1,47 @@
+"""Every error `storage/` raises on purpose, under one root.
+
+    StorageError            root; `user_message` is safe to show, `str(error)` is log detail
+    ├── DatabaseUnavailable  the database could not be opened or migrated (bad URL, missing driver, I/O)
+    ├── ImageTooLarge        an image blob is over the store's byte bound
+    ├── InvalidMessage       a `NewMessage` with a value the schema cannot hold (role, state, naive time)
+    └── InvalidSetting       a channel setting with an unknown name or an out-of-range value
+
+The log detail may name ids and sizes; neither part ever carries message text.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Root of the storage errors. `user_message` is what a person in the channel may read."""
+
+    default_user_message = "Something went wrong while saving or loading the conversation."
+
+    def __init__(self, detail: str, *, user_message: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.user_message = user_message or self.default_user_message
+
+
+class DatabaseUnavailable(StorageError):
+    default_user_message = "The conversation database is not available right now."
+
+
+class ImageTooLarge(StorageError):
+    default_user_message = "That image is too large to keep."
+
+    def __init__(self, byte_size: int, max_bytes: int) -> None:
+        super().__init__(
+            f"image of {byte_size} bytes is over the bound of {max_bytes} bytes",
+            user_message=f"That image is too large to keep (the limit is {max_bytes // 1024} KiB).",
+        )
+        self.byte_size = byte_size
+        self.max_bytes = max_bytes
+
+
+class InvalidMessage(StorageError):
+    default_user_message = "That message could not be saved."
+
+
+class InvalidSetting(StorageError):
+    default_user_message = "That setting value is not valid."

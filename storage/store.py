@@ -1,0 +1,470 @@
+"""`Store`: every read and write of conversation history and channel settings.
+
+`open_database()` builds the one `Store` of a database (`db.store`). Each method opens its own session and
+transaction and returns plain records (`storage.records`), never ORM objects: nothing a caller holds can
+start I/O later or keep a session alive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from storage.channel_settings import validate_setting
+from storage.errors import ImageTooLarge, InvalidMessage
+from storage.models import Channel, Image, Message, MessageImage
+from storage.queries import chunks, insert_for, window_statement, with_images
+from storage.records import (
+    REQUEST_STATES,
+    ROLES,
+    ChannelSettings,
+    NewMessage,
+    RequestState,
+    Role,
+    StoredImage,
+    StoredMessage,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+"""Matches the bot's default `MAX_IMAGE_BYTES`; `open_database()` takes the configured value."""
+
+
+class Store:
+    """Conversation history (messages with their images) and per-channel settings."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        dialect_name: str,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    ) -> None:
+        self._sessions = sessions
+        self._dialect = dialect_name
+        self._max_image_bytes = max_image_bytes
+
+    # ------------------------------------------------------------------ messages: write
+
+    async def append_message(self, msg: NewMessage) -> StoredMessage | None:
+        """Store `msg` with its images, or return None (storing nothing) if its platform id is known.
+
+        Channel row, message, images and links go in one transaction. The duplicate check is the
+        database's own unique constraint (`ON CONFLICT DO NOTHING`), so two concurrent appends of the
+        same event store exactly one message.
+        """
+        self._check(msg)
+        created_at = msg.created_at or datetime.now(UTC)
+        hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
+        async with self._sessions() as session:
+            channel_id = await self._ensure_channel(session, msg.channel_key)
+            inserted = await session.execute(
+                insert_for(self._dialect, Message)
+                .values(
+                    platform_id=msg.platform_id,
+                    channel_id=channel_id,
+                    role=msg.role,
+                    author_id=msg.author_id,
+                    author_name=msg.author_name,
+                    text=msg.text,
+                    created_at=created_at,
+                    reply_to=msg.reply_to,
+                    request_state=msg.request_state,
+                )
+                .on_conflict_do_nothing(index_elements=[Message.platform_id])
+                .returning(Message.id)
+            )
+            message_id = inserted.scalar_one_or_none()
+            if message_id is None:
+                await session.rollback()  # also drops a channel row created just now
+                log.debug("duplicate message platform_id=%s ignored", msg.platform_id)
+                return None
+            if msg.images:
+                image_ids = await self._ensure_images(session, msg, hashes)
+                await session.execute(
+                    insert_for(self._dialect, MessageImage).values(
+                        [
+                            {"message_id": message_id, "position": position, "image_id": image_ids[sha]}
+                            for position, sha in enumerate(hashes)
+                        ]
+                    )
+                )
+            await session.commit()
+        log.debug(
+            "stored message id=%d platform_id=%s channel=%s role=%s text_len=%d images=%d image_bytes=%d",
+            message_id,
+            msg.platform_id,
+            msg.channel_key,
+            msg.role,
+            len(msg.text),
+            len(msg.images),
+            sum(len(blob.data) for blob in msg.images),
+        )
+        return StoredMessage(
+            id=message_id,
+            platform_id=msg.platform_id,
+            channel_key=msg.channel_key,
+            role=msg.role,
+            author_id=msg.author_id,
+            author_name=msg.author_name,
+            text=msg.text,
+            created_at=created_at.astimezone(UTC),
+            reply_to=msg.reply_to,
+            request_state=msg.request_state,
+            images=tuple(
+                StoredImage(sha256=sha, mime=blob.mime, width=blob.width, height=blob.height, data=blob.data)
+                for sha, blob in zip(hashes, msg.images, strict=True)
+            ),
+        )
+
+    async def edit_message(self, platform_id: str, text: str) -> bool:
+        """Replace a message's text (the platform's edit event). False if it is not stored."""
+        async with self._sessions() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.platform_id == platform_id)
+                .values(text=text)
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+        changed = _rowcount(result) > 0
+        log.debug("edit platform_id=%s text_len=%d found=%s", platform_id, len(text), changed)
+        return changed
+
+    async def set_request_state(self, platform_id: str, state: RequestState | None) -> bool:
+        """Mark a request "pending", "answered" or "failed" (None: not a request). False if not stored."""
+        if state is not None and state not in REQUEST_STATES:
+            raise InvalidMessage(f"unknown request state {state!r}")
+        async with self._sessions() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.platform_id == platform_id)
+                .values(request_state=state)
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+        return _rowcount(result) > 0
+
+    async def fail_pending_before(self, before: datetime) -> int:
+        """Mark "failed" every request still "pending" that was made before `before`; return how many.
+
+        For start-up: requests older than what is worth answering after a crash are closed for good.
+        """
+        async with self._sessions() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.request_state == "pending", Message.created_at < before)
+                .values(request_state="failed")
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+        count = _rowcount(result)
+        log.info("closed %d pending requests made before %s", count, before.isoformat())
+        return count
+
+    # ------------------------------------------------------------------ messages: delete
+
+    async def delete_message(self, platform_id: str) -> bool:
+        """Delete one message (and images nothing else uses). False if it is not stored."""
+        return await self.delete_messages([platform_id]) == 1
+
+    async def delete_messages(self, platform_ids: Iterable[str]) -> int:
+        """Delete these messages (a bulk-delete event); unknown ids are ignored. Returns how many went."""
+        wanted = list(dict.fromkeys(platform_ids))
+        async with self._sessions() as session:
+            ids: list[int] = []
+            for part in chunks(wanted):
+                ids.extend(
+                    (await session.scalars(select(Message.id).where(Message.platform_id.in_(part)))).all()
+                )
+            count = await self._delete_by_ids(session, ids)
+            await session.commit()
+        log.debug("deleted %d of %d messages", count, len(wanted))
+        return count
+
+    async def clear_channel(self, channel_key: str) -> int:
+        """Delete a channel's whole history; its settings stay. Returns how many messages went."""
+        async with self._sessions() as session:
+            channel_id = await session.scalar(select(Channel.id).where(Channel.key == channel_key))
+            if channel_id is None:
+                return 0
+            # Collected before the delete: afterwards the links that name them are gone.
+            candidates = (
+                await session.scalars(
+                    select(MessageImage.image_id)
+                    .join(Message, Message.id == MessageImage.message_id)
+                    .where(Message.channel_id == channel_id)
+                    .distinct()
+                )
+            ).all()
+            result = await session.execute(
+                delete(Message)
+                .where(Message.channel_id == channel_id)
+                .execution_options(synchronize_session=False)
+            )
+            removed_images = await self._delete_orphan_images(session, candidates)
+            await session.commit()
+        count = _rowcount(result)
+        log.info("cleared channel=%s messages=%d orphan_images=%d", channel_key, count, removed_images)
+        return count
+
+    async def forget_user(self, author_id: str) -> int:
+        """Delete everything a user wrote, in every channel, and the bot's answers to it.
+
+        Answers are assistant messages whose `reply_to` names one of the user's messages: they quote or
+        describe what the user sent. Returns how many messages went.
+        """
+        authored = select(Message.platform_id).where(Message.author_id == author_id)
+        async with self._sessions() as session:
+            ids = (
+                await session.scalars(
+                    select(Message.id).where(
+                        or_(
+                            Message.author_id == author_id,
+                            and_(Message.role == "assistant", Message.reply_to.in_(authored)),
+                        )
+                    )
+                )
+            ).all()
+            count = await self._delete_by_ids(session, ids)
+            await session.commit()
+        log.info("forgot author_id=%s messages=%d", author_id, count)
+        return count
+
+    # ------------------------------------------------------------------ messages: read
+
+    async def recent_window(
+        self, channel_key: str, limit: int, *, before_id: int | None = None
+    ) -> list[StoredMessage]:
+        """The last `limit` messages of a channel, oldest first, with their images.
+
+        `before_id`: only messages older than that id, i.e. the history as a request saw it when it
+        arrived. Two queries (messages, then all their images); the first reads `limit` index entries
+        whatever the length of the channel's history.
+        """
+        if limit <= 0:
+            return []
+        async with self._sessions() as session:
+            rows = (await session.scalars(with_images(window_statement(channel_key, limit, before_id)))).all()
+        return [_stored(row, channel_key) for row in reversed(rows)]
+
+    async def get_message(self, platform_id: str) -> StoredMessage | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(
+                    with_images(
+                        select(Message, Channel.key)
+                        .join(Channel, Channel.id == Message.channel_id)
+                        .where(Message.platform_id == platform_id)
+                    )
+                )
+            ).one_or_none()
+        return None if row is None else _stored(row[0], row[1])
+
+    async def pending_requests(
+        self, since: datetime, *, before: datetime | None = None
+    ) -> list[StoredMessage]:
+        """Requests still "pending" made at or after `since` (and before `before`), oldest first.
+
+        After a crash these were never answered: the caller answers them again or marks them failed.
+        """
+        conditions = [Message.request_state == "pending", Message.created_at >= since]
+        if before is not None:
+            conditions.append(Message.created_at < before)
+        return await self._pending(conditions)
+
+    async def pending_requests_before(self, before: datetime) -> list[StoredMessage]:
+        """Requests still "pending" made before `before`, oldest first (too old to answer now)."""
+        return await self._pending([Message.request_state == "pending", Message.created_at < before])
+
+    async def count_messages(self, channel_key: str) -> int:
+        channel_id = select(Channel.id).where(Channel.key == channel_key).scalar_subquery()
+        async with self._sessions() as session:
+            count = await session.scalar(
+                select(func.count()).select_from(Message).where(Message.channel_id == channel_id)
+            )
+        return int(count or 0)
+
+    # ------------------------------------------------------------------ channel settings
+
+    async def channel_settings(self, channel_key: str) -> ChannelSettings:
+        """The channel's own settings; all None (defaults) for a channel never seen."""
+        async with self._sessions() as session:
+            channel = await session.scalar(select(Channel).where(Channel.key == channel_key))
+        return ChannelSettings() if channel is None else _settings(channel)
+
+    async def update_channel_settings(self, channel_key: str, **changes: Any) -> ChannelSettings:
+        """Set some settings (None resets one to the default) and return them all.
+
+        Every value is checked before anything is written: one bad value changes nothing.
+        """
+        values = {name: validate_setting(name, value) for name, value in changes.items()}
+        async with self._sessions() as session:
+            channel_id = await self._ensure_channel(session, channel_key)
+            if values:
+                await session.execute(
+                    update(Channel)
+                    .where(Channel.id == channel_id)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+            channel = await session.scalar(select(Channel).where(Channel.id == channel_id))
+            await session.commit()
+        assert channel is not None
+        log.info("channel=%s settings changed: %s", channel_key, sorted(values))
+        return _settings(channel)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check(self, msg: NewMessage) -> None:
+        if msg.role not in ROLES:
+            raise InvalidMessage(f"platform_id={msg.platform_id}: unknown role {msg.role!r}")
+        if msg.request_state is not None and msg.request_state not in REQUEST_STATES:
+            raise InvalidMessage(
+                f"platform_id={msg.platform_id}: unknown request state {msg.request_state!r}"
+            )
+        if msg.created_at is not None and msg.created_at.tzinfo is None:
+            raise InvalidMessage(f"platform_id={msg.platform_id}: created_at has no time zone")
+        for blob in msg.images:
+            if len(blob.data) > self._max_image_bytes:
+                raise ImageTooLarge(len(blob.data), self._max_image_bytes)
+
+    async def _ensure_channel(self, session: AsyncSession, channel_key: str) -> int:
+        # Insert-or-ignore first, then read: race-free without catching IntegrityError, and on SQLite the
+        # first statement is a write, which takes the write lock before anything is read.
+        await session.execute(
+            insert_for(self._dialect, Channel)
+            .values(key=channel_key, created_at=datetime.now(UTC))
+            .on_conflict_do_nothing(index_elements=[Channel.key])
+        )
+        return (await session.scalars(select(Channel.id).where(Channel.key == channel_key))).one()
+
+    async def _ensure_images(
+        self, session: AsyncSession, msg: NewMessage, hashes: list[str]
+    ) -> dict[str, int]:
+        """Insert the images not stored yet; return the id of every image of `msg` by hash."""
+        distinct = dict(zip(hashes, msg.images, strict=True))  # the same picture twice is one row
+        await session.execute(
+            insert_for(self._dialect, Image)
+            .values(
+                [
+                    {
+                        "sha256": sha,
+                        "mime": blob.mime,
+                        "width": blob.width,
+                        "height": blob.height,
+                        "byte_size": len(blob.data),
+                        "data": blob.data,
+                    }
+                    for sha, blob in distinct.items()
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=[Image.sha256])
+        )
+        # FOR KEY SHARE (PostgreSQL; SQLite serialises writers anyway) keeps a concurrent orphan clean-up
+        # from deleting an existing image between this read and the link insert below.
+        rows = await session.execute(
+            select(Image.sha256, Image.id)
+            .where(Image.sha256.in_(list(distinct)))
+            .with_for_update(key_share=True)
+        )
+        return {sha: image_id for sha, image_id in rows}
+
+    async def _delete_by_ids(self, session: AsyncSession, ids: Sequence[int]) -> int:
+        """Delete messages by database id (links go by cascade), then the images left unlinked."""
+        candidates: set[int] = set()
+        count = 0
+        for part in chunks(ids):
+            candidates.update(
+                (
+                    await session.scalars(
+                        select(MessageImage.image_id).where(MessageImage.message_id.in_(part))
+                    )
+                ).all()
+            )
+            result = await session.execute(
+                delete(Message).where(Message.id.in_(part)).execution_options(synchronize_session=False)
+            )
+            count += _rowcount(result)
+        await self._delete_orphan_images(session, list(candidates))
+        return count
+
+    async def _delete_orphan_images(self, session: AsyncSession, candidates: Sequence[int]) -> int:
+        """Delete those of `candidates` that no message links to any more.
+
+        Only images that lost a link in this transaction are checked, so the cost follows the deletion,
+        not the size of the image table.
+        """
+        removed = 0
+        for part in chunks(candidates):
+            result = await session.execute(
+                delete(Image)
+                .where(Image.id.in_(part), ~exists().where(MessageImage.image_id == Image.id))
+                .execution_options(synchronize_session=False)
+            )
+            removed += _rowcount(result)
+        if removed:
+            log.debug("removed %d orphan images", removed)
+        return removed
+
+    async def _pending(self, conditions: list[Any]) -> list[StoredMessage]:
+        async with self._sessions() as session:
+            rows = (
+                await session.execute(
+                    with_images(
+                        select(Message, Channel.key)
+                        .join(Channel, Channel.id == Message.channel_id)
+                        .where(*conditions)
+                        .order_by(Message.id)
+                    )
+                )
+            ).all()
+        return [_stored(message, key) for message, key in rows]
+
+
+def _rowcount(result: Any) -> int:
+    # DML results are CursorResults; the ORM types them as plain Result, which has no rowcount.
+    return int(result.rowcount)
+
+
+def _stored(row: Message, channel_key: str) -> StoredMessage:
+    return StoredMessage(
+        id=row.id,
+        platform_id=row.platform_id,
+        channel_key=channel_key,
+        role=cast(Role, row.role),
+        author_id=row.author_id,
+        author_name=row.author_name,
+        text=row.text,
+        created_at=row.created_at,
+        reply_to=row.reply_to,
+        request_state=cast(RequestState | None, row.request_state),
+        images=tuple(
+            StoredImage(
+                sha256=link.image.sha256,
+                mime=link.image.mime,
+                width=link.image.width,
+                height=link.image.height,
+                data=link.image.data,
+            )
+            for link in row.image_links
+        ),
+    )
+
+
+def _settings(channel: Channel) -> ChannelSettings:
+    return ChannelSettings(
+        answer_mode=cast(Any, channel.answer_mode),
+        record_mode=cast(Any, channel.record_mode),
+        system_prompt=channel.system_prompt,
+        max_new_tokens=channel.max_new_tokens,
+        temperature=channel.temperature,
+        decoding=cast(Any, channel.decoding),
+    )

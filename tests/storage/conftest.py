@@ -1,0 +1,84 @@
+"""Storage fixtures: a database URL (SQLite file, plus `TEST_DATABASE_URL` when set), then an open database.
+
+Every test that takes `database` or `store` runs once per backend. Without `TEST_DATABASE_URL` the second
+run is skipped with its reason shown in the summary (`-ra`), so a missing PostgreSQL is never silent.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from storage import Database, ImageBlob, NewMessage, Store, open_database
+from storage.models import Base
+
+MAX_IMAGE_BYTES = 64 * 1024
+"""The bound the test store enforces: small, so `ImageTooLarge` is cheap to reach."""
+
+
+async def _reset_external(url: str) -> None:
+    """Leave a shared test database empty, so every test starts from a fresh migration."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.drop_all)
+            await connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "TEST_DATABASE_URL"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        # A folder that does not exist yet: open_database must create it.
+        yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'idefics-bot.sqlite3'}"
+        return
+    url = os.environ.get("TEST_DATABASE_URL")
+    if not url:
+        pytest.skip("TEST_DATABASE_URL is not set: not running storage tests against PostgreSQL")
+    await _reset_external(url)
+    yield url
+    await _reset_external(url)
+
+
+@pytest.fixture
+async def database(database_url: str) -> AsyncIterator[Database]:
+    async with open_database(database_url, max_image_bytes=MAX_IMAGE_BYTES) as db:
+        yield db
+
+
+@pytest.fixture
+async def store(database: Database) -> Store:
+    return database.store
+
+
+@pytest.fixture
+async def sqlite_database(tmp_path: Any) -> AsyncIterator[Database]:
+    """SQLite only: for what is SQLite's own (pragmas, EXPLAIN QUERY PLAN)."""
+    async with open_database(f"sqlite+aiosqlite:///{tmp_path / 'sqlite.db'}") as db:
+        yield db
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (4, 3)) -> ImageBlob:
+    """A real, tiny PNG: what the bot hands in after checking and re-encoding an attachment."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return ImageBlob(data=buffer.getvalue(), mime="image/png", width=size[0], height=size[1])
+
+
+def message(platform_id: str, channel: str = "100", author: str = "u1", **fields: Any) -> NewMessage:
+    fields.setdefault("role", "user")
+    fields.setdefault("author_name", f"name-{author}")
+    fields.setdefault("text", f"text of {platform_id}")
+    return NewMessage(platform_id=platform_id, channel_key=channel, author_id=author, **fields)
+
+
+def reply(platform_id: str, to: str, channel: str = "100", **fields: Any) -> NewMessage:
+    """An assistant answer to message `to`."""
+    return message(platform_id, channel, author="bot", role="assistant", reply_to=to, **fields)

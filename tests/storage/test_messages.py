@@ -1,0 +1,219 @@
+"""History: append, window, edit, delete, clear, forget, request states."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from storage import Database, ImageTooLarge, InvalidMessage, Store
+from storage.models import Image
+from tests.storage.conftest import MAX_IMAGE_BYTES, message, png, reply
+
+RED, GREEN, BLUE = png((255, 0, 0)), png((0, 255, 0)), png((0, 0, 255))
+
+
+async def image_count(database: Database) -> int:
+    async with database.sessions() as session:
+        return int(await session.scalar(select(func.count()).select_from(Image)) or 0)
+
+
+async def test_append_then_window_oldest_first(store: Store) -> None:
+    for i in range(5):
+        await store.append_message(message(str(i)))
+    await store.append_message(message("other", channel="200"))
+
+    window = await store.recent_window("100", 3)
+
+    assert [m.platform_id for m in window] == ["2", "3", "4"]
+    assert [m.id for m in window] == sorted(m.id for m in window)
+    assert await store.count_messages("100") == 5
+    assert await store.recent_window("unknown", 3) == []
+    assert await store.recent_window("100", 0) == []
+
+
+async def test_stored_fields_roundtrip(store: Store) -> None:
+    at = datetime(2024, 5, 1, 12, 30, tzinfo=timezone(timedelta(hours=2)))
+    appended = await store.append_message(
+        message("1", author="42", author_name="Ada", text="hello", created_at=at, request_state="pending")
+    )
+    answer = await store.append_message(reply("2", to="1", text="hi Ada"))
+    assert appended is not None and answer is not None
+
+    stored = await store.get_message("1")
+
+    assert stored == appended
+    assert stored.created_at == at and stored.created_at.tzinfo == UTC
+    assert (stored.author_id, stored.author_name, stored.text) == ("42", "Ada", "hello")
+    assert stored.request_state == "pending" and stored.reply_to is None
+    assert (await store.get_message("2")) == answer
+    assert answer.role == "assistant" and answer.reply_to == "1"
+    assert answer.created_at.tzinfo == UTC  # default time: now, UTC
+    assert await store.get_message("nope") is None
+
+
+async def test_duplicate_platform_id_stores_once(database: Database, store: Store) -> None:
+    first = await store.append_message(message("1", text="first", images=(RED,)))
+    again = await store.append_message(message("1", channel="new-channel", text="again", images=(GREEN,)))
+
+    assert first is not None and again is None
+    assert await store.count_messages("100") == 1
+    assert await store.count_messages("new-channel") == 0
+    assert (await store.get_message("1")).text == "first"  # type: ignore[union-attr]
+    assert await image_count(database) == 1  # the duplicate's image was not kept either
+
+
+async def test_concurrent_duplicates_store_once(store: Store) -> None:
+    results = await asyncio.gather(*(store.append_message(message("dup", images=(RED,))) for _ in range(8)))
+
+    assert sum(result is not None for result in results) == 1
+    assert await store.count_messages("100") == 1
+
+
+async def test_concurrent_appends_of_a_shared_image(database: Database, store: Store) -> None:
+    results = await asyncio.gather(*(store.append_message(message(str(i), images=(BLUE,))) for i in range(6)))
+
+    assert all(result is not None for result in results)
+    assert await image_count(database) == 1
+    assert all(m.images[0].data == BLUE.data for m in await store.recent_window("100", 10))
+
+
+async def test_images_deduplicated_by_hash_and_linked_in_order(database: Database, store: Store) -> None:
+    first = await store.append_message(message("1", images=(RED, GREEN, RED)))
+    await store.append_message(message("2", channel="200", images=(GREEN, BLUE)))
+
+    [stored] = await store.recent_window("100", 1)
+    assert first is not None and stored.images == first.images
+    assert [image.data for image in stored.images] == [RED.data, GREEN.data, RED.data]
+    assert stored.images[0].sha256 == stored.images[2].sha256 != stored.images[1].sha256
+    assert (stored.images[0].mime, stored.images[0].width, stored.images[0].height) == ("image/png", 4, 3)
+    assert await image_count(database) == 3
+
+
+async def test_image_over_the_bound_is_refused_and_nothing_stored(store: Store) -> None:
+    big = png((0, 0, 0))
+    big = type(big)(data=b"\0" * (MAX_IMAGE_BYTES + 1), mime=big.mime, width=1, height=1)
+
+    with pytest.raises(ImageTooLarge) as caught:
+        await store.append_message(message("1", images=(RED, big)))
+
+    assert caught.value.user_message and "KiB" in caught.value.user_message
+    assert await store.get_message("1") is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"role": "system"}, {"request_state": "lost"}, {"created_at": datetime(2024, 1, 1)}],
+    ids=["role", "request_state", "naive-time"],
+)
+async def test_invalid_messages_are_refused(store: Store, fields: dict[str, object]) -> None:
+    with pytest.raises(InvalidMessage):
+        await store.append_message(message("1", **fields))
+    assert await store.get_message("1") is None
+
+
+async def test_window_before_id_is_the_history_as_the_request_saw_it(store: Store) -> None:
+    ids = {}
+    for i in range(6):
+        stored = await store.append_message(message(str(i)))
+        assert stored is not None
+        ids[str(i)] = stored.id
+
+    window = await store.recent_window("100", 3, before_id=ids["4"])
+
+    assert [m.platform_id for m in window] == ["1", "2", "3"]
+    assert await store.recent_window("100", 10, before_id=ids["0"]) == []
+
+
+async def test_edit_message(store: Store) -> None:
+    await store.append_message(message("1", text="before", images=(RED,)))
+
+    assert await store.edit_message("1", "after") is True
+    assert await store.edit_message("missing", "x") is False
+    stored = await store.get_message("1")
+    assert stored is not None and stored.text == "after" and len(stored.images) == 1
+
+
+async def test_delete_single_keeps_images_still_shared(database: Database, store: Store) -> None:
+    await store.append_message(message("1", images=(RED, GREEN)))
+    await store.append_message(message("2", channel="200", images=(RED,)))
+
+    assert await store.delete_message("1") is True
+    assert await store.delete_message("1") is False
+
+    assert await image_count(database) == 1  # GREEN went, RED is still used by message 2
+    [left] = await store.recent_window("200", 10)
+    assert left.images[0].data == RED.data
+    assert await store.delete_message("2") is True
+    assert await image_count(database) == 0
+
+
+async def test_delete_bulk(database: Database, store: Store) -> None:
+    for i in range(5):
+        await store.append_message(message(str(i), images=(RED,) if i % 2 else (BLUE,)))
+
+    removed = await store.delete_messages(["0", "2", "4", "missing", "0"])
+
+    assert removed == 3
+    assert [m.platform_id for m in await store.recent_window("100", 10)] == ["1", "3"]
+    assert await image_count(database) == 1  # BLUE was only on the even ones
+    assert await store.delete_messages([]) == 0
+
+
+async def test_clear_channel_keeps_settings_and_other_channels(database: Database, store: Store) -> None:
+    await store.update_channel_settings("100", decoding="sample")
+    await store.append_message(message("1", images=(RED,)))
+    await store.append_message(message("2", images=(GREEN,)))
+    await store.append_message(message("3", channel="200", images=(GREEN,)))
+
+    assert await store.clear_channel("100") == 2
+
+    assert await store.count_messages("100") == 0
+    assert await store.count_messages("200") == 1
+    assert (await store.channel_settings("100")).decoding == "sample"
+    assert await image_count(database) == 1
+    assert await store.clear_channel("never-seen") == 0
+    assert await store.append_message(message("4")) is not None  # the channel is usable again
+
+
+async def test_forget_user_everywhere_with_the_answers_to_them(database: Database, store: Store) -> None:
+    await store.append_message(message("a1", channel="100", author="alice", images=(RED,)))
+    await store.append_message(reply("r1", to="a1", channel="100"))
+    await store.append_message(message("b1", channel="100", author="bob", images=(GREEN,)))
+    await store.append_message(reply("r2", to="b1", channel="100"))
+    await store.append_message(message("a2", channel="200", author="alice", images=(GREEN,)))
+    await store.append_message(reply("r3", to="a2", channel="200", images=(BLUE,)))
+    await store.append_message(message("b2", channel="200", author="bob", reply_to="a2"))
+
+    assert await store.forget_user("alice") == 4
+
+    assert [m.platform_id for m in await store.recent_window("100", 10)] == ["b1", "r2"]
+    assert [m.platform_id for m in await store.recent_window("200", 10)] == ["b2"]  # bob's reply stays
+    assert await image_count(database) == 1  # GREEN (bob's) remains; RED and BLUE went
+    assert await store.forget_user("alice") == 0
+
+
+async def test_request_states_and_pending_requests(store: Store) -> None:
+    now = datetime.now(UTC)
+    old = now - timedelta(hours=3)
+    await store.append_message(message("old", created_at=old, request_state="pending"))
+    await store.append_message(message("new", channel="200", created_at=now, request_state="pending"))
+    await store.append_message(message("done", created_at=now, request_state="pending"))
+    await store.append_message(message("chat", created_at=now))
+
+    assert await store.set_request_state("done", "answered") is True
+    assert await store.set_request_state("missing", "failed") is False
+    with pytest.raises(InvalidMessage):
+        await store.set_request_state("done", "weird")  # type: ignore[arg-type]
+
+    recent = await store.pending_requests(now - timedelta(hours=1))
+    assert [(m.platform_id, m.channel_key) for m in recent] == [("new", "200")]
+    assert [m.platform_id for m in await store.pending_requests(old)] == ["old", "new"]
+    assert [m.platform_id for m in await store.pending_requests(old, before=now)] == ["old"]
+    assert [m.platform_id for m in await store.pending_requests_before(now - timedelta(hours=1))] == ["old"]
+
+    assert await store.fail_pending_before(now - timedelta(hours=1)) == 1
+    assert (await store.get_message("old")).request_state == "failed"  # type: ignore[union-attr]
+    assert [m.platform_id for m in await store.pending_requests(old)] == ["new"]
