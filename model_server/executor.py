@@ -76,6 +76,7 @@ class _Job:
     submitted: float
     deadline: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started_event: asyncio.Event = field(default_factory=asyncio.Event)
     started: float | None = None
     sent: str = ""
     batch_size: int = 0
@@ -103,6 +104,14 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self._executor._cancel(self._job)
+
+    async def wait_started(self, timeout_s: float) -> bool:
+        """True once the request runs (or ended); False if it is still queued after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._job.started_event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def __aiter__(self) -> AsyncIterator[str]:
         while True:
@@ -265,6 +274,7 @@ class Executor:
             self._waiting.remove(job)
             job.started = now
             job.batch_size = len(chosen)
+            job.post(job.started_event.set)
         self._running = chosen
         return chosen
 
@@ -353,6 +363,7 @@ class Executor:
 
     @staticmethod
     def _resolve(job: _Job, outcome: object) -> None:
+        job.started_event.set()
         if not job.future.done():
             if isinstance(outcome, BaseException):
                 job.future.set_exception(outcome)

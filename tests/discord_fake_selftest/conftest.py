@@ -1,0 +1,1 @@
+from tests.fake_discord.fixtures import fake_discord  # noqa: F401
