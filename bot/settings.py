@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bot.conversation import ChatDefaults
 from bot.images import ImageLimits
 from model_server.config import ModelConfig
 
@@ -43,7 +44,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=180.0, gt=0)
     max_new_tokens: int = Field(default=256, ge=1, le=1024)
     max_images_per_prompt: int = Field(default=4, ge=0, le=16)
+    history_messages: int = Field(default=40, ge=1, le=500)
+    batch_window_ms: float = Field(default=5.0, ge=0, le=1000)
     system_prompt: str | None = None
+    temperature: float = Field(default=0.7, gt=0, le=2.0)
+    decoding: Literal["greedy", "sample", "beam"] = "greedy"
 
     # Images
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
@@ -70,6 +75,16 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_queue=self.max_queue,
             request_timeout_s=self.request_timeout_s,
+        )
+
+    def chat_defaults(self) -> ChatDefaults:
+        return ChatDefaults(
+            system_prompt=self.system_prompt,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            decoding=self.decoding,
+            max_images=self.max_images_per_prompt,
+            history_messages=self.history_messages,
         )
 
     def image_limits(self) -> ImageLimits:
