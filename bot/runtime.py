@@ -35,7 +35,8 @@ def model_info_without_weights(name: str) -> ModelInfo:
     from model_server.loading import TRAINED_POSITIONS, is_instruct_tokenizer, load_processor
 
     try:
-        processor = load_processor(name)
+        # Only what is on disk already: a dry run never waits on the hub.
+        processor = load_processor(name, local_only=True)
     except ModelLoadError:
         return ModelInfo(name=name, instruct="instruct" in name.lower(), max_positions=TRAINED_POSITIONS)
     tokenizer = processor.tokenizer

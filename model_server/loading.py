@@ -113,12 +113,12 @@ def is_instruct_tokenizer(tokenizer: Any) -> bool:
     return _special_token_id(tokenizer, END_OF_UTTERANCE) is not None
 
 
-def load_processor(name: str) -> Any:
+def load_processor(name: str, *, local_only: bool = False) -> Any:
     """The processor alone (tokenizer + image processor): enough to render and count, no weights."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
     processor.tokenizer.padding_side = "left"
