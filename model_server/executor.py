@@ -49,7 +49,7 @@ class BatchRecord:
     size: int
     kind: str
     started: float
-    duration_s: float
+    """`time.monotonic()` when the batch started; recorded before its first result is handed back."""
 
 
 @dataclass(frozen=True)
@@ -255,9 +255,8 @@ class Executor:
                     self._cond.wait(self.batch_window_s)
                 batch = self._take_batch()
             if batch:
-                started = time.monotonic()
+                self.batches.append(BatchRecord(len(batch), batch[0].kind, time.monotonic()))
                 self._execute(batch)
-                self.batches.append(BatchRecord(len(batch), batch[0].kind, started, time.monotonic() - started))
                 with self._cond:
                     self._running = []
                     self._cond.notify_all()
