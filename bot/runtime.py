@@ -51,8 +51,15 @@ async def open_executor(settings: Settings, model: str | None = None,
                         progress: Callable[[str], None] | None = None) -> AsyncIterator[tuple[Executor, ModelInfo]]:
     """Load the model (on a worker thread: loading takes minutes for real checkpoints) and start the executor."""
     from model_server.engine import LocalEngine
+    from model_server.errors import ModelLoadError
     from model_server.loading import load_model
 
+    if settings.generation_backend != "local":
+        raise ModelLoadError(
+            f"backend {settings.generation_backend} requested",
+            user_message=f"GENERATION_BACKEND={settings.generation_backend} is not available in this version; "
+            "use local",
+        )
     config = settings.model_config_for(model)
     loaded = await asyncio.to_thread(load_model, config, progress)
     info = ModelInfo(name=config.model, instruct=loaded.instruct, max_positions=loaded.max_positions,

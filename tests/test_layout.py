@@ -1,0 +1,41 @@
+"""Each package keeps to its job: the imports DESIGN.md forbids never appear."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {
+    "storage": {"discord", "torch", "transformers", "bot", "model_server"},
+    "model_server": {"discord", "bot", "storage"},
+    "bot": {"torch", "transformers"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports(package: str):
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_modules(path) & FORBIDDEN[package])
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_fixed_points_exist():
+    for name in ("pyproject.toml", "README.md", "Makefile", ".ci/run", "bot", "model_server", "storage", "tests",
+                 "deploy", "bench"):
+        assert (ROOT / name).exists(), name
