@@ -258,7 +258,7 @@ def conversation_order(window: Sequence[StoredMessage], request: StoredMessage) 
         if message.id > request.id and message.role == "user":
             continue
         ordered.append(message)
-        ordered.extend(answers.get(message.platform_id, []))
         if message.id == request.id:
             break
+        ordered.extend(answers.get(message.platform_id, []))
     return ordered

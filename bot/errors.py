@@ -9,10 +9,11 @@ Hierarchy:
     │   ├── TooManyPixels     width x height over the limit (decompression bombs)
     │   ├── CorruptImage      truncated or damaged file
     │   └── TooManyImages     more images in one message than the limit
-    └── FetchError            a link could not be downloaded
-        ├── UnsafeUrl         scheme, host or a resolved address is not allowed (private, loopback, ...)
-        ├── FetchTimeout      the download took longer than the limit
-        └── FetchFailed       HTTP error status, too many redirects, connection failure
+    ├── FetchError            a link could not be downloaded
+    │   ├── UnsafeUrl         scheme, host or a resolved address is not allowed (private, loopback, ...)
+    │   ├── FetchTimeout      the download took longer than the limit
+    │   └── FetchFailed       HTTP error status, too many redirects, connection failure
+    └── RateLimited           the user has too many requests running or sent too many in the last minute
 
 `user_message` is short, plain and free of URLs or internals: the Discord layer and the terminal commands
 show it without further wrapping. `detail` is for logs only (it may name a host or a library error, never a
@@ -89,6 +90,16 @@ class FetchFailed(FetchError):
         """HTTP status when the server answered with an error, else None."""
         if user_message is None and status is not None:
             user_message = f"the image could not be downloaded (HTTP {status})"
+        super().__init__(user_message, detail=detail)
+
+
+class RateLimited(UserInputError):
+    default_message = "you are sending requests too fast; try again in a minute"
+
+    def __init__(self, user_message: str | None = None, *, retry_after_s: float | None = None,
+                 detail: str = "") -> None:
+        self.retry_after_s = retry_after_s
+        """Seconds until a new request would be accepted; None when it depends on running requests."""
         super().__init__(user_message, detail=detail)
 
 

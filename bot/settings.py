@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     answer_bots: bool = False
     user_max_inflight: int = Field(default=2, ge=1)
     user_max_per_minute: int = Field(default=10, ge=1)
+    stream_edit_interval_s: float = Field(default=1.0, ge=0, le=60)
+    """Least time between two edits of a streamed answer (Discord allows about 5 edits per 5 s)."""
 
     # Model
     idefics_model: str = DEFAULT_MODEL

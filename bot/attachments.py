@@ -1,0 +1,96 @@
+"""Images of a Discord message: attachments, images of embeds Discord unfurled, and direct links in its text.
+
+Every image is checked by content (`bot.images.check_image`, on a worker thread); what is not an image is
+skipped without a word (a PDF attached to a chat message is not an error), while an image that cannot be used
+(too large, damaged, a link that fails) is reported back so that a request can tell its author.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import discord
+
+from bot.errors import FetchFailed, FetchTimeout, ImageTooLarge, NotAnImage, UserInputError
+from bot.fetch import ImageFetcher, find_image_links
+from bot.images import CheckedImage, ImageLimits, check_image
+
+log = logging.getLogger(__name__)
+
+
+async def image_from_attachment(attachment: discord.Attachment, limits: ImageLimits) -> CheckedImage:
+    """Download and check one attachment; raise a `bot.errors.ImageError` (or `FetchError`) if unusable."""
+    # Discord tells the size up front: a 500 MB video is refused without downloading a byte of it.
+    if attachment.size > limits.max_bytes:
+        raise ImageTooLarge(limits.max_bytes, detail=f"attachment {attachment.id}: {attachment.size} bytes")
+    try:
+        data = await asyncio.wait_for(attachment.read(), limits.timeout_s)
+    except TimeoutError as exc:
+        raise FetchTimeout(detail=f"attachment {attachment.id}") from exc
+    except discord.HTTPException as exc:
+        raise FetchFailed(status=exc.status, detail=f"attachment {attachment.id}") from exc
+    return await asyncio.to_thread(check_image, data, limits)
+
+
+async def image_from_url(url: str, fetcher: ImageFetcher, limits: ImageLimits) -> CheckedImage:
+    data = await fetcher.fetch(url)
+    return await asyncio.to_thread(check_image, data, limits)
+
+
+def _looks_like_image(attachment: discord.Attachment) -> bool:
+    # Only used to decide whether an oversized file deserves an error message; acceptance is by content.
+    kind = attachment.content_type or ""
+    return not kind or kind.startswith("image/")
+
+
+def embed_image_urls(message: discord.Message) -> list[str]:
+    """Image URLs of the embeds Discord unfurled from links (the image, else the thumbnail)."""
+    urls: list[str] = []
+    for embed in message.embeds:
+        url = embed.image.url or embed.thumbnail.url
+        if url and url not in urls:
+            urls.append(url)
+    return urls
+
+
+async def images_from_message(
+    message: discord.Message, fetcher: ImageFetcher, limits: ImageLimits
+) -> tuple[list[CheckedImage], list[UserInputError]]:
+    """Every usable image of `message`, in order (attachments, embeds, links), at most `limits.max_count`.
+
+    Returns the images and the errors of images that could not be used; never raises for bad input.
+    Non-images (by content) are skipped silently.
+    """
+    images: list[CheckedImage] = []
+    errors: list[UserInputError] = []
+    for attachment in message.attachments:
+        if len(images) >= limits.max_count:
+            break
+        if attachment.size > limits.max_bytes and not _looks_like_image(attachment):
+            continue
+        try:
+            images.append(await image_from_attachment(attachment, limits))
+        except NotAnImage:
+            log.debug("attachment %s of message %s is not an image", attachment.id, message.id)
+        except UserInputError as exc:
+            log.info("attachment %s of message %s unusable: %s", attachment.id, message.id, exc.detail)
+            errors.append(exc)
+    embed_urls = embed_image_urls(message)
+    # A link Discord unfurled shows up twice (text and embed); the embed's image is the one to take.
+    text_links = find_image_links(message.content, limits.max_count)
+    for url in [*embed_urls, *(u for u in text_links if u not in embed_urls)]:
+        if len(images) >= limits.max_count:
+            break
+        try:
+            images.append(await image_from_url(url, fetcher, limits))
+        except NotAnImage:
+            log.debug("a link in message %s is not an image", message.id)
+        except UserInputError as exc:
+            log.info("a link in message %s unusable: %s", message.id, exc.detail)
+            errors.append(exc)
+    skipped = len(message.attachments) + len(embed_urls) + len(text_links) - len(images) - len(errors)
+    if images or errors:
+        log.info("message %s: %d images, %d errors, %d skipped", message.id, len(images), len(errors),
+                 max(skipped, 0))
+    return images, errors

@@ -1,0 +1,299 @@
+"""The Discord client: which events it listens to, and how each becomes a call into the pipeline.
+
+Thin by design: Discord objects are turned into the project's own types here (`bot.incoming`), the rules of
+when to answer are in `bot.triggers`, storing and generating in `bot.conversation`, delivery in `bot.replies`.
+
+Order: each message is handled in a task of its own (on_message returns at once), but the messages of one
+channel are recorded in the order they arrived (a chain of ingest tasks per channel) and answered in that
+order (the pipeline's per-channel lock); answers of different channels run together and share batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import discord
+from discord.ext import commands
+
+from bot.attachments import images_from_message
+from bot.errors import RateLimited
+from bot.incoming import channel_key, starter_platform_id, to_incoming
+from bot.limits import UserLimiter
+from bot.replies import MessageReplySink, send_notice
+from bot.runtime import Services
+from bot.triggers import MessageFacts, decide
+from storage import NewMessage, StorageError, StoredMessage
+
+log = logging.getLogger(__name__)
+
+STORAGE_FAILED = "I could not save your message right now; please try again in a minute"
+
+_PERSON_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
+"""Message types people write; the others are notices (joins, pins, thread created, ...)."""
+
+
+def bot_intents() -> discord.Intents:
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True  # privileged: enable "Message Content Intent" in the Developer Portal
+    intents.members = True  # privileged: display names of mentioned members, permissions in /settings
+    return intents
+
+
+class IdeficsBot(commands.Bot):
+    def __init__(self, services: Services, **kwargs: Any) -> None:
+        kwargs.setdefault("intents", bot_intents())
+        kwargs.setdefault("command_prefix", commands.when_mentioned)
+        kwargs.setdefault("help_command", None)
+        # Model output must never ping: the default for every message, on top of each send's own.
+        kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
+        super().__init__(**kwargs)
+        self.services = services
+        settings = services.settings
+        self.limiter = UserLimiter(settings.user_max_inflight, settings.user_max_per_minute)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ingest_tail: dict[str, asyncio.Task[Any]] = {}
+        self._starters_checked: set[int] = set()
+        self._started_at = datetime.now(UTC)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def setup_hook(self) -> None:
+        self._adopt_identity()
+        # Requests left "pending" by a previous run will not be answered now: close them.
+        try:
+            await self.services.conversation.store.fail_pending_before(self._started_at)
+        except StorageError:
+            log.warning("could not close pending requests of a previous run")
+        try:
+            from bot.commands import setup_commands
+        except ModuleNotFoundError as exc:
+            if exc.name != "bot.commands":
+                raise
+            log.warning("bot.commands not found: no slash commands")
+        else:
+            await setup_commands(self)
+        guild_id = self.services.settings.discord_dev_guild_id
+        if guild_id is not None:
+            guild = discord.Object(guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d application commands to guild %s", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d application commands globally", len(synced))
+
+    async def on_ready(self) -> None:
+        self._adopt_identity()
+        log.info("ready as user %s in %d guilds", self.user.id if self.user else "?", len(self.guilds))
+
+    def _adopt_identity(self) -> None:
+        if self.user is not None:
+            conversation = self.services.conversation
+            conversation.assistant_id = str(self.user.id)
+            conversation.assistant_name = self.user.display_name
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await super().close()
+
+    @property
+    def tasks_running(self) -> int:
+        """Messages being recorded or answered right now (tests wait for 0; shutdown cancels them)."""
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """Run `coro` in a task the bot keeps (cancelled on close) and whose failure is logged."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- messages ------------------------------------------------------------------------------------
+    async def on_message(self, message: discord.Message) -> None:
+        if self.user is None or message.author.id == self.user.id or message.type not in _PERSON_TYPES:
+            return
+        if message.guild is None and not self.services.settings.answer_dms:
+            return
+        key = channel_key(message.channel)
+        # Chained before the first await: the channel's messages are recorded in arrival order.
+        previous = self._ingest_tail.get(key)
+        task = self.spawn(self._ingest(message, previous), name=f"ingest-{message.id}")
+        self._ingest_tail[key] = task
+        task.add_done_callback(lambda t: self._ingest_tail.pop(key, None) if self._ingest_tail.get(key) is t
+                               else None)
+
+    async def _ingest(self, message: discord.Message, previous: asyncio.Task[Any] | None) -> None:
+        try:
+            await self._ingest_one(message, previous)
+        except StorageError as exc:
+            log.error("message %s not recorded: %s", message.id, type(exc).__name__)
+            if self.user is not None and (self.user.id in message.raw_mentions or message.guild is None):
+                await send_notice(message, STORAGE_FAILED)
+
+    async def _ingest_one(self, message: discord.Message, previous: asyncio.Task[Any] | None) -> None:
+        services = self.services
+        store = services.conversation.store
+        key = channel_key(message.channel)
+        channel_settings = await store.channel_settings(key)
+        decision = decide(await self._facts(message), answer_mode=channel_settings.answer_mode,
+                          record_mode=channel_settings.record_mode, answer_dms=services.settings.answer_dms,
+                          answer_bots=services.settings.answer_bots)
+        if not decision.record:
+            if previous is not None:
+                await asyncio.wait({previous})
+            return
+        images, errors = await images_from_message(message, services.fetcher, services.settings.image_limits())
+        if previous is not None:
+            await asyncio.wait({previous})
+        if isinstance(message.channel, discord.Thread):
+            await self._ensure_thread_starter(message.channel)
+        slot: contextlib.AbstractContextManager[None] | None = None
+        refusal: str | None = None
+        if decision.answer:
+            try:
+                slot = self.limiter.acquire(str(message.author.id))
+            except RateLimited as exc:
+                log.info("message %s from user %s refused: %s", message.id, message.author.id, exc.detail)
+                refusal = exc.user_message
+            if refusal is None and errors:
+                refusal = errors[0].user_message
+        incoming = to_incoming(message, self.user.id if self.user else None, images)
+        try:
+            stored = await services.conversation.record(incoming, request=slot is not None)
+        except BaseException:
+            if slot is not None:
+                with slot:
+                    pass
+            raise
+        if stored is None:  # the same event twice (gateway resume): it was handled the first time
+            if slot is not None:
+                with slot:
+                    pass
+            return
+        log.info("message %s recorded in channel %s: %d chars, %d images, answer=%s", message.id, key,
+                 len(incoming.text), len(images), decision.answer)
+        if refusal is not None:
+            if slot is not None:
+                with slot:
+                    await store.set_request_state(stored.platform_id, "failed")
+            await send_notice(message, refusal)
+            return
+        if slot is not None:
+            self.spawn(self._answer(message, stored, slot), name=f"answer-{message.id}")
+
+    async def _answer(self, message: discord.Message, stored: StoredMessage,
+                      slot: contextlib.AbstractContextManager[None]) -> None:
+        with slot:
+            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s)
+            async with sink:
+                await self.services.conversation.respond(stored, sink)
+
+    async def _facts(self, message: discord.Message) -> MessageFacts:
+        assert self.user is not None
+        return MessageFacts(
+            from_self=message.author.id == self.user.id,
+            from_bot=message.author.bot or message.webhook_id is not None,
+            is_dm=message.guild is None,
+            mentions_bot=self.user.id in message.raw_mentions,
+            replies_to_bot=await self._replies_to_bot(message),
+            is_system=message.type not in _PERSON_TYPES,
+        )
+
+    async def _replies_to_bot(self, message: discord.Message) -> bool:
+        reference = message.reference
+        if reference is None or reference.message_id is None or self.user is None:
+            return False
+        resolved = reference.resolved
+        if isinstance(resolved, discord.Message):
+            return resolved.author.id == self.user.id
+        # Not resolved (old message, or deleted): our own answers are in the store.
+        stored = await self.services.conversation.store.get_message(str(reference.message_id))
+        return stored is not None and stored.role == "assistant"
+
+    async def _ensure_thread_starter(self, thread: discord.Thread) -> None:
+        """Put the thread's starter message at the head of its history, once (it is the thread's topic)."""
+        if thread.id in self._starters_checked:
+            return
+        self._starters_checked.add(thread.id)
+        store = self.services.conversation.store
+        platform_id = starter_platform_id(thread.id)
+        if await store.get_message(platform_id) is not None:
+            return
+        starter = thread.starter_message
+        if starter is None and thread.parent is not None:
+            try:
+                starter = await thread.parent.fetch_message(thread.id)  # type: ignore[union-attr]
+            except discord.HTTPException as exc:  # a thread without a starter, or it was deleted
+                log.info("thread %s: no starter message (HTTP %s)", thread.id, exc.status)
+                return
+        if starter is None:
+            return
+        images, _ = await images_from_message(starter, self.services.fetcher, self.services.settings.image_limits())
+        incoming = to_incoming(starter, self.user.id if self.user else None, images,
+                               channel_key_override=channel_key(thread), platform_id=platform_id)
+        if self.user is not None and starter.author.id == self.user.id:
+            await store.append_message(NewMessage(
+                platform_id=platform_id, channel_key=incoming.channel_key, role="assistant",
+                author_id=incoming.author_id, author_name=incoming.author_name, text=incoming.text,
+                created_at=incoming.created_at,
+            ))
+        else:
+            await self.services.conversation.record(incoming, request=False)
+        log.info("thread %s: starter message %s recorded", thread.id, starter.id)
+
+    # -- edits and deletions -------------------------------------------------------------------------
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if "content" not in payload.data:
+            return  # an embed unfurled, a pin: the text did not change
+        message = payload.message
+        if self.user is not None and message.author.id == self.user.id:
+            return  # our own streaming edits: the final text is stored by the pipeline
+        text = to_incoming(message, self.user.id if self.user else None).text
+        store = self.services.conversation.store
+        changed = await store.edit_message(str(payload.message_id), text)
+        if isinstance(self.get_channel(payload.message_id), discord.Thread):
+            changed |= await store.edit_message(starter_platform_id(payload.message_id), text)
+        if changed:
+            log.info("message %s edited: %d chars", payload.message_id, len(text))
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self._forget_messages([payload.message_id])
+
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        await self._forget_messages(sorted(payload.message_ids))
+
+    async def _forget_messages(self, message_ids: list[int]) -> None:
+        ids = [str(i) for i in message_ids]
+        # A deleted thread starter also leaves the thread's history (a thread's id is its starter's id).
+        ids += [starter_platform_id(i) for i in message_ids if isinstance(self.get_channel(i), discord.Thread)]
+        count = await self.services.conversation.store.delete_messages(ids)
+        if count:
+            log.info("%d of %d deleted messages removed from history", count, len(message_ids))
+
+    # -- threads and channels ------------------------------------------------------------------------
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        # A deleted thread's history can never be shown again: drop it rather than keep it forever.
+        count = await self.services.conversation.store.clear_channel(str(payload.thread_id))
+        self._starters_checked.discard(payload.thread_id)
+        log.info("thread %s deleted: %d messages removed", payload.thread_id, count)
+
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        count = await self.services.conversation.store.clear_channel(str(channel.id))
+        log.info("channel %s deleted: %d messages removed", channel.id, count)
+
