@@ -176,7 +176,8 @@ def load_model(config: ModelConfig, progress: Progress | None = None) -> LoadedM
     bad = [[i] for i in (_special_token_id(tokenizer, IMAGE_TOKEN), _special_token_id(tokenizer, FAKE_IMAGE_TOKEN))
            if i is not None]
     positions = min(TRAINED_POSITIONS, int(getattr(model.config, "max_position_embeddings", TRAINED_POSITIONS)))
-    first_device = next(model.parameters()).device
+    # With device_map="auto" the layers may sit on several GPUs; inputs go where the embeddings are.
+    first_device = model.get_input_embeddings().weight.device
     loaded = LoadedModel(
         name=config.model,
         model=model,
