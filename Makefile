@@ -23,6 +23,12 @@ lint: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/idefics-bot run
 
+# The same suite with a throwaway PostgreSQL server (Debian: apt-get install postgresql) in TEST_DATABASE_URL:
+# the storage and Discord tests then run on SQLite and on PostgreSQL.
+.PHONY: test-postgres
+test-postgres: $(STAMP)
+	tests/postgres/with-postgres.sh $(MAKE) test
+
 bench: $(STAMP)
 	$(PY) bench/batching.py
 

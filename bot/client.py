@@ -6,6 +6,10 @@ when to answer are in `bot.triggers`, storing and generating in `bot.conversatio
 Order: each message is handled in a task of its own (on_message returns at once), but the messages of one
 channel are recorded in the order they arrived (a chain of ingest tasks per channel) and answered in that
 order (the pipeline's per-channel lock); answers of different channels run together and share batches.
+
+Restarts: once ready, requests a crashed run left "pending" are answered or their authors told
+(`bot.recovery`). Shutdown (`drain`): new requests are stored but not started (they stay "pending" for the
+next start), running answers get a grace period, then are cancelled with a short notice and stay "pending".
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from bot.attachments import images_from_message
 from bot.errors import RateLimited
 from bot.incoming import channel_key, starter_platform_id, to_incoming
 from bot.limits import UserLimiter
+from bot.recovery import recover_pending
 from bot.replies import MessageReplySink, send_notice
 from bot.runtime import Services
 from bot.triggers import MessageFacts, decide
@@ -32,6 +37,10 @@ from storage import NewMessage, StorageError, StoredMessage
 log = logging.getLogger(__name__)
 
 STORAGE_FAILED = "I could not save your message right now; please try again in a minute"
+RESTARTING = "I am restarting, please ask again in a minute"
+"""Shown in place of an answer cut off by a shutdown (the request stays "pending" for the next start)."""
+NOTICE_TIMEOUT_S = 5.0
+"""Most time spent telling one user, at shutdown, that their answer was cut off."""
 
 _PERSON_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 """Message types people write; the others are notices (joins, pins, thread created, ...)."""
@@ -62,15 +71,14 @@ class IdeficsBot(commands.Bot):
         self._ingest_tail: dict[str, asyncio.Task[Any]] = {}
         self._starters_checked: set[int] = set()
         self._started_at = datetime.now(UTC)
+        self._draining = False
+        self._recovery: asyncio.Task[Any] | None = None
+        self._live_requests: set[str] | None = set()
+        """Requests this run recorded before its recovery finished (None after): recovery leaves them alone."""
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def setup_hook(self) -> None:
         self._adopt_identity()
-        # Requests left "pending" by a previous run will not be answered now: close them.
-        try:
-            await self.services.conversation.store.fail_pending_before(self._started_at)
-        except StorageError:
-            log.warning("could not close pending requests of a previous run")
         try:
             from bot.commands import setup_commands
         except ModuleNotFoundError as exc:
@@ -92,12 +100,56 @@ class IdeficsBot(commands.Bot):
     async def on_ready(self) -> None:
         self._adopt_identity()
         log.info("ready as user %s in %d guilds", self.user.id if self.user else "?", len(self.guilds))
+        # Once per process (on_ready comes again after a new gateway session): channels resolve from here on.
+        if self._recovery is None and not self._draining:
+            self._recovery = self.spawn(self._recover(), name="recover-pending")
+
+    async def _recover(self) -> None:
+        try:
+            await recover_pending(self, started_at=self._started_at,
+                                  window_s=self.services.settings.resume_window_s,
+                                  live=self._live_requests if self._live_requests is not None else ())
+        finally:
+            self._live_requests = None
 
     def _adopt_identity(self) -> None:
         if self.user is not None:
             conversation = self.services.conversation
             conversation.assistant_id = str(self.user.id)
             conversation.assistant_name = self.user.display_name
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown began: requests are stored but no new answer starts."""
+        return self._draining
+
+    async def drain(self, grace_s: float, *, hurry: asyncio.Event | None = None) -> None:
+        """Stop starting answers; let running ones finish for `grace_s` (or until `hurry` is set), then cancel them.
+
+        A cancelled answer's user is told briefly (`RESTARTING`) and its request stays "pending", so the next
+        start answers it if it is recent. The connection stays open meanwhile: answers can still be delivered.
+        """
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        log.info("shutting down: %d tasks running, up to %.1fs to finish", len(self._tasks), grace_s)
+        hurried = asyncio.create_task(hurry.wait()) if hurry is not None else None
+        try:
+            while self._tasks and (hurried is None or not hurried.done()):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                waiting: set[asyncio.Task[Any]] = set(self._tasks) | ({hurried} if hurried else set())
+                await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if hurried is not None:
+                hurried.cancel()
+        left = list(self._tasks)
+        if left:
+            log.info("cancelling %d tasks still running", len(left))
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=NOTICE_TIMEOUT_S + 5)
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -163,6 +215,9 @@ class IdeficsBot(commands.Bot):
             await asyncio.wait({previous})
         if isinstance(message.channel, discord.Thread):
             await self._ensure_thread_starter(message.channel)
+        if decision.answer and self._draining and not errors:
+            await self._record_for_later(message, images)
+            return
         slot: contextlib.AbstractContextManager[None] | None = None
         refusal: str | None = None
         if decision.answer:
@@ -174,6 +229,8 @@ class IdeficsBot(commands.Bot):
             if refusal is None and errors:
                 refusal = errors[0].user_message
         incoming = to_incoming(message, self.user.id if self.user else None, images)
+        if slot is not None and self._live_requests is not None:
+            self._live_requests.add(incoming.platform_id)
         try:
             stored = await services.conversation.record(incoming, request=slot is not None)
         except BaseException:
@@ -195,14 +252,48 @@ class IdeficsBot(commands.Bot):
             await send_notice(message, refusal)
             return
         if slot is not None:
+            if self._draining:  # shutdown began while the message was being stored: the next start answers it
+                with slot:
+                    log.info("request %s not started: shutting down, left pending", stored.platform_id)
+                return
             self.spawn(self._answer(message, stored, slot), name=f"answer-{message.id}")
 
+    async def _record_for_later(self, message: discord.Message, images: Any) -> None:
+        """During shutdown: store a request as "pending" without starting it (the next start answers it)."""
+        incoming = to_incoming(message, self.user.id if self.user else None, images)
+        stored = await self.services.conversation.record(incoming, request=True)
+        if stored is not None:
+            log.info("request %s recorded during shutdown: left pending", stored.platform_id)
+
+    def answer_recovered(self, message: discord.Message, stored: StoredMessage) -> None:
+        """Answer a request of an earlier run (already claimed by `bot.recovery`) in a task of its own."""
+        self.spawn(self._answer(message, stored, None, recovered=True), name=f"recover-{message.id}")
+
     async def _answer(self, message: discord.Message, stored: StoredMessage,
-                      slot: contextlib.AbstractContextManager[None]) -> None:
-        with slot:
+                      slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False) -> None:
+        with slot if slot is not None else contextlib.nullcontext():
             sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s)
-            async with sink:
-                await self.services.conversation.respond(stored, sink)
+            try:
+                async with sink:
+                    await self.services.conversation.respond(stored, sink)
+            except asyncio.CancelledError:
+                if self._draining:
+                    await self._cut_off(stored, sink, recovered=recovered)
+                raise
+
+    async def _cut_off(self, stored: StoredMessage, sink: MessageReplySink, *, recovered: bool) -> None:
+        """A shutdown cancelled this answer: tell the user, and leave the request "pending" for the next start."""
+        log.info("request %s cut off by shutdown: left pending", stored.platform_id)
+        try:
+            await asyncio.wait_for(sink.failed(RESTARTING), NOTICE_TIMEOUT_S)
+        except (TimeoutError, discord.HTTPException):
+            log.info("request %s: restart notice not delivered", stored.platform_id)
+        if recovered:  # claimed as "failed" by the recovery: give it back
+            try:
+                await self.services.conversation.store.claim_request(stored.platform_id, "pending",
+                                                                     expected="failed")
+            except StorageError:
+                log.warning("request %s left failed", stored.platform_id)
 
     async def _facts(self, message: discord.Message) -> MessageFacts:
         assert self.user is not None

@@ -9,7 +9,7 @@
     /settings [answer_mode] [record_mode] [system_prompt] [max_new_tokens] [temperature] [decoding] [clear]
                                                          no option: show; options: set, then show
                                                          (Manage Channels)
-    /status                                              model, backend, queue, latency
+    /status                                              model, backend, queue, latency, errors, fault
     /forget-me                                           delete what the bot stored about the caller
     "Caption image" (message menu)                       caption the first image of a message
 
@@ -488,6 +488,11 @@ class TaskCommands(commands.Cog):
                 f"batches run: {stats.batches}",
                 f"requests: {stats.completed} done, {stats.failed} failed",
             ]
+            seen = [f"{kind} {count}" for kind, count in stats.errors.items() if count]
+            if seen:
+                lines.append(f"errors: {', '.join(seen)}")
+            if stats.fault is not None:
+                lines.append(f"fault: {stats.fault}")
         return "```\n" + "\n".join(lines) + "\n```"
 
     @app_commands.command(name="forget-me", description="Delete everything this bot stored about you, everywhere")

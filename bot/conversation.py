@@ -15,7 +15,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -96,6 +96,14 @@ class ReplySink(Protocol):
         """Tell the user, briefly, that no answer will come."""
 
 
+@dataclass
+class _ChannelTurn:
+    """One channel's lock and how many requests hold it or wait for it (dropped when none do)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class Conversation:
     def __init__(self, store: Store, executor: Executor | None, model: ModelInfo, defaults: ChatDefaults, *,
                  assistant_id: str = "assistant", assistant_name: str = "Assistant") -> None:
@@ -105,7 +113,7 @@ class Conversation:
         self.defaults = defaults
         self.assistant_id = assistant_id
         self.assistant_name = assistant_name
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _ChannelTurn] = {}
 
     # -- storing --------------------------------------------------------------------------------
     async def record(self, msg: IncomingMessage, *, request: bool) -> StoredMessage | None:
@@ -163,8 +171,6 @@ class Conversation:
         return turns
 
     # -- answering ------------------------------------------------------------------------------
-    def _lock(self, channel_key: str) -> asyncio.Lock:
-        return self._locks.setdefault(channel_key, asyncio.Lock())
 
     async def handle(self, msg: IncomingMessage, sink: ReplySink) -> Reply | None:
         """Store `msg` as a request and answer it (nothing for a duplicate)."""
@@ -175,13 +181,18 @@ class Conversation:
 
     async def respond(self, request: StoredMessage, sink: ReplySink) -> Reply | None:
         """Answer a stored request in its channel's turn; failures reach the user through `sink`."""
-        lock = self._lock(request.channel_key)
+        key = request.channel_key
+        turn = self._locks.setdefault(key, _ChannelTurn())
+        # Counted, not `lock.locked()`: between a release and the next waiter waking the lock reads as free,
+        # and dropping it then would let a later request of the channel take a new lock and overtake.
+        turn.users += 1
         try:
-            async with lock:
+            async with turn.lock:
                 return await self._respond(request, sink)
         finally:
-            if not lock.locked() and self._locks.get(request.channel_key) is lock:
-                del self._locks[request.channel_key]
+            turn.users -= 1
+            if turn.users == 0 and self._locks.get(key) is turn:
+                del self._locks[key]
 
     async def _respond(self, request: StoredMessage, sink: ReplySink) -> Reply | None:
         started = time.monotonic()
@@ -214,12 +225,18 @@ class Conversation:
             await self._mark(request, "failed")
             await sink.failed(INTERNAL_ERROR)
             return None
+        # The answer is out: mark the request answered even if its text cannot be stored, so a
+        # restart never answers it a second time.
         if reply is not None:
-            await self.store.append_message(NewMessage(
-                platform_id=reply.platform_id, channel_key=request.channel_key, role="assistant",
-                author_id=self.assistant_id, author_name=self.assistant_name, text=reply.text,
-                reply_to=request.platform_id,
-            ))
+            try:
+                await self.store.append_message(NewMessage(
+                    platform_id=reply.platform_id, channel_key=request.channel_key, role="assistant",
+                    author_id=self.assistant_id, author_name=self.assistant_name, text=reply.text,
+                    reply_to=request.platform_id,
+                ))
+            except StorageError:
+                log.warning("answer %s to request %s delivered but not stored", reply.platform_id,
+                            request.platform_id)
         await self._mark(request, "answered")
         log.info("request %s answered: %d chars, %s, %.2fs", request.platform_id, len(text),
                  result.finish_reason.value, time.monotonic() - started)

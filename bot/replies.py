@@ -5,6 +5,10 @@ a typing indicator while waiting) and `InteractionReplySink` answers a deferred 
 original response, followups past 2000 characters). Both show the queue position, stream the answer into
 one message by edits at most once per `edit_interval_s`, and always deliver the final text, even when a
 streaming edit failed.
+
+Rate limits: discord.py waits out an HTTP 429 (its retry-after) and sends the edit again, so a held-back edit
+still lands; the sink then spaces its next edits further apart (`SLOW_EDIT_S`), so an answer that meets a
+limit shows fewer edits instead of a pile of them waiting on the same bucket.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ MESSAGE_LIMIT = 2000
 FENCE = "```"
 _FENCE_ROOM = 40
 """Room kept free in every chunk for a closing fence and a reopened one (``` plus a language name)."""
+
+SLOW_EDIT_S = 0.25
+"""A streaming edit that took longer than this was held back by Discord (a 429's retry-after, or discord.py
+waiting for an exhausted bucket): the interval between edits doubles, at least to the time it took."""
+MAX_EDIT_INTERVAL_S = 3.0
+"""The most the interval grows to; the final answer waits at most this long after the last edit."""
 
 
 def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
@@ -136,6 +146,7 @@ class _StreamedReply(abc.ABC):
             return
         if time.monotonic() - self._last_edit < self.edit_interval_s:
             return
+        started = time.monotonic()
         try:
             await self._show(self._text, final=False)
         except discord.HTTPException as exc:
@@ -143,6 +154,18 @@ class _StreamedReply(abc.ABC):
             self._streaming = False
             log.warning("streaming edit failed, final answer will still be sent: HTTP %s (code %s)",
                         exc.status, exc.code)
+            return
+        took = time.monotonic() - started
+        if took > max(SLOW_EDIT_S, self.edit_interval_s):
+            self._slow_down(took)
+
+    def _slow_down(self, took: float) -> None:
+        """Discord held an edit back: count the interval from when it landed, and lengthen it."""
+        previous = self.edit_interval_s
+        self.edit_interval_s = min(MAX_EDIT_INTERVAL_S, max(2 * previous, took))
+        self._last_edit = time.monotonic()
+        log.info("streaming edit took %.2f s (rate limited): edit interval %.2f -> %.2f s", took, previous,
+                 self.edit_interval_s)
 
     async def finish(self, text: str, result: GenerationResult | None = None) -> Reply | None:
         # Streaming edits are spaced by `edit_interval_s`; the final one keeps the pace too.

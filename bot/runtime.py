@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from bot.conversation import Conversation, ModelInfo
 from bot.fetch import ImageFetcher, create_session
 from bot.settings import Settings
 from model_server.executor import Executor
 from storage import Database, open_database
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,23 +55,58 @@ def model_info_without_weights(name: str) -> ModelInfo:
 @contextlib.asynccontextmanager
 async def open_executor(settings: Settings, model: str | None = None,
                         progress: Callable[[str], None] | None = None) -> AsyncIterator[tuple[Executor, ModelInfo]]:
-    """Load the model (on a worker thread: loading takes minutes for real checkpoints) and start the executor."""
+    """Load the model (on a worker thread: loading takes minutes for real checkpoints) and start the executor.
+
+    With `GENERATION_BACKEND=tgi` nothing is loaded here: the executor sends requests to `TGI_URL`.
+    """
+    if settings.generation_backend == "tgi":
+        async with open_tgi_executor(settings, model, progress) as opened:
+            yield opened
+        return
     from model_server.engine import LocalEngine
-    from model_server.errors import ModelLoadError
     from model_server.loading import load_model
 
-    if settings.generation_backend != "local":
-        raise ModelLoadError(
-            f"backend {settings.generation_backend} requested",
-            user_message=f"GENERATION_BACKEND={settings.generation_backend} is not available in this version; "
-            "use local",
-        )
     config = settings.model_config_for(model)
     loaded = await asyncio.to_thread(load_model, config, progress)
     info = ModelInfo(name=config.model, instruct=loaded.instruct, max_positions=loaded.max_positions,
                      count_tokens=loaded.count_tokens)
     async with Executor(LocalEngine(loaded), config, batch_window_s=settings.batch_window_ms / 1000) as executor:
         yield executor, info
+
+
+@contextlib.asynccontextmanager
+async def open_tgi_executor(settings: Settings, model: str | None = None,
+                            progress: Callable[[str], None] | None = None) -> AsyncIterator[tuple[Any, ModelInfo]]:
+    """A `TgiExecutor` on `TGI_URL`, checked ready, and the `ModelInfo` of the model that server runs.
+
+    The prompt budget follows the server's `/info` limits. Instruct or base, and the token count, come from the
+    tokenizer when the model id is a folder this machine can read too; else from the id's name ("instruct"),
+    with the prompt module's over-estimate of tokens.
+    """
+    from model_server.errors import ModelLoadError
+    from model_server.tgi import TgiExecutor
+
+    if not settings.tgi_url:
+        raise ModelLoadError("GENERATION_BACKEND=tgi without TGI_URL",
+                             user_message="GENERATION_BACKEND=tgi needs TGI_URL, the text-generation-inference "
+                             "server's address (e.g. http://localhost:8080)")
+    if progress is not None:
+        progress(f"connecting to text-generation-inference at {settings.tgi_url}")
+    async with TgiExecutor(settings.tgi_config()) as executor:
+        server = executor.server
+        assert server is not None
+        if model and model != server.model_id:
+            log.warning("--model %s ignored: text-generation-inference serves %s", model, server.model_id)
+        info = await asyncio.to_thread(_served_model_info, server.model_id,
+                                       server.max_positions(settings.max_new_tokens))
+        yield executor, info
+
+
+def _served_model_info(model_id: str, max_positions: int) -> ModelInfo:
+    if Path(model_id).is_dir():  # TGI serves a folder this machine shares: read its tokenizer
+        return dataclasses.replace(model_info_without_weights(model_id), max_positions=max_positions)
+    # A hub id: judged by its name, so the bot process needs neither torch nor transformers.
+    return ModelInfo(name=model_id, instruct="instruct" in model_id.lower(), max_positions=max_positions)
 
 
 @contextlib.asynccontextmanager

@@ -6,7 +6,7 @@ part it needs, as its own small config dataclass (see `model_config()`, `image_l
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,6 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bot.conversation import ChatDefaults
 from bot.images import ImageLimits
 from model_server.config import ModelConfig
+
+if TYPE_CHECKING:
+    from model_server.tgi import TgiConfig
 
 DEFAULT_MODEL = "BOINCAIM4/idefics-9b-instruct"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/idefics-bot.sqlite3"
@@ -31,6 +34,17 @@ class Settings(BaseSettings):
     user_max_per_minute: int = Field(default=10, ge=1)
     stream_edit_interval_s: float = Field(default=1.0, ge=0, le=60)
     """Least time between two edits of a streamed answer (Discord allows about 5 edits per 5 s)."""
+    discord_api_base: str | None = None
+    """Override of Discord's REST base URL (e.g. `https://proxy.example/api/v10`): tests, self-hosted API proxies."""
+    discord_gateway_url: str | None = None
+    """Override of Discord's gateway websocket URL (e.g. `wss://proxy.example/`): tests, self-hosted proxies."""
+
+    # Restarts and shutdown
+    resume_window_s: float = Field(default=600.0, ge=0)
+    """A request cut off by a crash is answered after the restart if it is at most this old, else told to ask
+    again."""
+    shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+    """On SIGTERM/SIGINT, how long running answers may take to finish before they are cancelled."""
 
     # Model
     idefics_model: str = DEFAULT_MODEL
@@ -39,11 +53,25 @@ class Settings(BaseSettings):
     idefics_quantization: Literal["none", "4bit", "8bit"] = "none"
     generation_backend: Literal["local", "tgi"] = "local"
     tgi_url: str | None = None
+    """Base URL of the text-generation-inference server (`GENERATION_BACKEND=tgi`), e.g. http://localhost:8080."""
+    tgi_timeout_s: float = Field(default=10.0, gt=0)
+    """Connecting to TGI, and each start-up check (`/health`, `/info`)."""
+    tgi_stall_s: float = Field(default=60.0, gt=0)
+    """A TGI stream with no token for this long (first token included) fails with a timeout message."""
+    tgi_max_retries: int = Field(default=3, ge=0, le=10)
+    """Retries of connection errors and 429/503 answers, with exponential backoff, before any token came."""
+    tgi_start_wait_s: float = Field(default=60.0, ge=0)
+    """At start, how long to wait for TGI to become ready (it loads the model) before giving up."""
+    tgi_max_request_bytes: int = Field(default=2_000_000, ge=100_000)
+    """TGI's `--payload-limit`: images are re-encoded smaller until each request body is under it."""
 
     # Generation and queueing
     max_batch_size: int = Field(default=8, ge=1)
     max_queue: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=180.0, gt=0)
+    watchdog_s: float = Field(default=120.0, ge=0)
+    """A running batch silent this long fails its requests and `/status` shows the fault; silent twice as
+    long, the process exits non-zero for its supervisor to restart it. 0 turns the watchdog off."""
     max_new_tokens: int = Field(default=256, ge=1, le=1024)
     max_images_per_prompt: int = Field(default=4, ge=0, le=16)
     history_messages: int = Field(default=40, ge=1, le=500)
@@ -62,7 +90,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("system_prompt", "tgi_url", mode="before")
+    @field_validator("system_prompt", "tgi_url", "discord_api_base", "discord_gateway_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -77,6 +105,25 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_queue=self.max_queue,
             request_timeout_s=self.request_timeout_s,
+            watchdog_s=self.watchdog_s,
+        )
+
+    def tgi_config(self) -> TgiConfig:
+        """The TGI backend's part of the settings (requires `TGI_URL`)."""
+        from model_server.tgi import TgiConfig
+
+        if not self.tgi_url:
+            raise ValueError("TGI_URL is not set")
+        return TgiConfig(
+            url=self.tgi_url,
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            request_timeout_s=self.request_timeout_s,
+            connect_timeout_s=self.tgi_timeout_s,
+            stall_s=self.tgi_stall_s,
+            max_retries=self.tgi_max_retries,
+            start_wait_s=self.tgi_start_wait_s,
+            max_body_bytes=self.tgi_max_request_bytes,
         )
 
     def chat_defaults(self) -> ChatDefaults:

@@ -19,3 +19,7 @@ class ModelConfig:
     """Most requests waiting; past it `submit` raises `Busy`."""
     request_timeout_s: float = 180.0
     """Longest a request may take from submission to its last token."""
+    watchdog_s: float = 120.0
+    """Longest a running batch may go without progress (a decode step, a finished row) before the
+    executor fails its requests and reports a fault; 0 turns the watchdog off. Past twice this the
+    executor calls its `on_fatal` hook so the process can exit and be restarted."""

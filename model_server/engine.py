@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from model_server.encoding import EncodedBatch, encode, encode_texts
 from model_server.loading import LoadedModel
@@ -42,6 +42,21 @@ class Row:
     first_token_at: float | None = None
     done: bool = False
     generated: list[int] = field(default_factory=list)
+    on_step: Callable[[], None] | None = None
+    """Called after every model step that reaches this row: the executor's watchdog counts it as progress."""
+
+
+class _StepReport(StoppingCriteria):
+    """Never stops `model.generate`; reports each of its steps to the rows (beam search is not streamed)."""
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.LongTensor, scores: object = None, **kwargs: object) -> torch.BoolTensor:
+        for row in self.rows:
+            if row.on_step is not None:
+                row.on_step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -130,6 +145,8 @@ class LocalEngine:
 
     def _step_row(self, row: Row, assembler: TextAssembler, token: int, stop_ids: set[int],
                   now: float) -> FinishReason | None:
+        if row.on_step is not None:
+            row.on_step()
         if token in stop_ids:
             return FinishReason.END_OF_UTTERANCE
         row.generated.append(token)
@@ -192,6 +209,7 @@ class LocalEngine:
             max_new_tokens=max(r.prompt.params.max_new_tokens for r in rows),
             bad_words_ids=self.loaded.bad_words_ids, eos_token_id=list(self.loaded.stop_token_ids),
             pad_token_id=self.tokenizer.pad_token_id, repetition_penalty=params.repetition_penalty,
+            stopping_criteria=StoppingCriteriaList([_StepReport(rows)]),
         )
         stop_ids = set(self.loaded.stop_token_ids)
         for i, row in enumerate(rows):

@@ -8,6 +8,7 @@ own text (str(exc)) is the log detail and may name files, devices or sizes.
     ├── Busy                    the queue is full; carries the queue length
     ├── RequestTimeout          a request did not finish within its deadline
     ├── GenerationFailed        the model raised (including out-of-memory on a single request)
+    │   └── ModelStuck          the model thread made no progress past the watchdog's deadline
     └── ExecutorClosed          the executor is stopping or stopped
 """
 
@@ -43,6 +44,10 @@ class RequestTimeout(ModelServerError):
 
 class GenerationFailed(ModelServerError):
     user_message = "the model failed on this request, please try again"
+
+
+class ModelStuck(GenerationFailed):
+    user_message = "the model stopped responding; the bot is restarting it, please ask again in a few minutes"
 
 
 class ExecutorClosed(ModelServerError):

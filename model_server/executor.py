@@ -6,6 +6,12 @@ raises `Busy`); the model thread takes the oldest request and every compatible o
 text deltas and result back to the loop that asked. A batch that runs out of memory is split in
 halves and retried; a batch that raises otherwise is retried one request at a time, so one bad
 request fails alone and the executor keeps serving.
+
+A watchdog thread watches the model thread: each batch start, decode step and finished row counts as
+progress. A running batch silent for `config.watchdog_s` is declared stuck: every running and waiting
+request fails at once with `ModelStuck`, new submits are refused with it, and `fault` says so (shown by
+`/status`). If the stuck call returns, the fault clears and the executor serves again; if it is still
+silent at twice the deadline, `on_fatal` is called (once) so the process can exit and be restarted.
 """
 
 from __future__ import annotations
@@ -19,18 +25,21 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from model_server.config import ModelConfig
-from model_server.errors import Busy, ExecutorClosed, GenerationFailed, RequestTimeout
+from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelStuck, RequestTimeout
 from model_server.scheduler import Waiting, pick_batch, split_in_halves
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 
 log = logging.getLogger(__name__)
 
 _END = object()
+
+ERROR_KINDS = ("oom", "error", "timeout", "watchdog")
+"""Keys of `ExecutorStats.errors`."""
 
 
 class Engine(Protocol):
@@ -61,6 +70,12 @@ class ExecutorStats:
     median_latency_s: float | None
     """Median of the last 200 results, submission to last token."""
     batches: int
+    errors: dict[str, int]
+    """Faults seen since start, by kind: "oom" and "error" count exceptions the model raised (a batch
+    retried after one counts once), "timeout" requests that ran past their deadline, "watchdog" times the
+    model thread was declared stuck."""
+    fault: str | None
+    """What is wrong right now (e.g. "model thread stuck for 130 s"), None when the executor is healthy."""
 
 
 @dataclass(eq=False)
@@ -80,6 +95,8 @@ class _Job:
     started: float | None = None
     sent: str = ""
     batch_size: int = 0
+    settled: bool = False
+    """The outcome was handed back (a late result after the watchdog failed the job is dropped)."""
 
     def post(self, callback, *args) -> None:
         # The loop may already be closed when a cancelled request finishes late; nobody is waiting then.
@@ -130,6 +147,7 @@ class RequestHandle:
             raise
         except TimeoutError as exc:
             self.cancel()
+            self._executor._count("timeout")
             raise RequestTimeout("no result from the model thread") from exc
 
 
@@ -149,7 +167,18 @@ class Executor:
         self._latencies: deque[float] = deque(maxlen=200)
         self._completed = 0
         self._failed = 0
+        self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
+        self.on_fatal: Callable[[str], None] | None = None
+        """Called once, from the watchdog thread, when the model thread stays stuck past twice
+        `config.watchdog_s`; the app sets it to stop the process with a non-zero exit status."""
+        self._progress_at = time.monotonic()
+        """Last sign of life of the model thread (batch start, decode step, finished row)."""
+        self._stuck_since: float | None = None
+        """`_progress_at` when the watchdog declared the model thread stuck; None when healthy."""
+        self._fatal_called = False
+        self._watch_stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Executor:
@@ -162,6 +191,9 @@ class Executor:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="model-thread", daemon=True)
         self._thread.start()
+        if self.config.watchdog_s > 0:
+            self._watchdog = threading.Thread(target=self._watch, name="model-watchdog", daemon=True)
+            self._watchdog.start()
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Refuse new requests; let queued and running ones finish for `grace_s`, then cancel the rest."""
@@ -177,8 +209,12 @@ class Executor:
             self._cond.notify_all()
         for job in dropped:
             self._fail(job, ExecutorClosed("executor closed before the request started"))
+        self._watch_stop.set()
+        if self._watchdog is not None:
+            await asyncio.to_thread(self._watchdog.join, 5.0)
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30.0)
+            # A stuck model thread will not come back for this: it is a daemon and ends with the process.
+            await asyncio.to_thread(self._thread.join, 30.0 if self._stuck_since is None else 1.0)
 
     def _wait_idle(self, timeout_s: float) -> bool:
         with self._cond:
@@ -210,6 +246,8 @@ class Executor:
         with self._cond:
             if self._closing:
                 raise ExecutorClosed("executor is closing")
+            if self._stuck_since is not None:
+                raise ModelStuck(f"request refused: {self.fault}")
             if len(self._waiting) >= self.config.max_queue:
                 raise Busy(len(self._waiting), self.config.max_queue)
             self._waiting.append(job)
@@ -236,11 +274,68 @@ class Executor:
     def stats(self) -> ExecutorStats:
         with self._cond:
             waiting, running = len(self._waiting), len(self._running)
+            errors = dict(self._errors)
         latencies = list(self._latencies)
         return ExecutorStats(
             queue_length=waiting, running=running, completed=self._completed, failed=self._failed,
             median_latency_s=statistics.median(latencies) if latencies else None, batches=len(self.batches),
+            errors=errors, fault=self.fault,
         )
+
+    @property
+    def fault(self) -> str | None:
+        """What is wrong right now ("model thread stuck for 130 s"), None when healthy."""
+        stuck = self._stuck_since
+        return None if stuck is None else f"model thread stuck for {time.monotonic() - stuck:.0f} s"
+
+    def _count(self, kind: str) -> None:
+        with self._cond:
+            self._errors[kind] += 1
+
+    # -- the watchdog ----------------------------------------------------------------------------
+    def _beat(self) -> None:
+        self._progress_at = time.monotonic()
+
+    def _watch(self) -> None:
+        interval = min(1.0, max(0.01, self.config.watchdog_s / 10))
+        while not self._watch_stop.wait(interval):
+            try:
+                self._check_progress(time.monotonic())
+            except Exception:  # the watchdog must outlive its own bugs
+                log.exception("watchdog check failed")
+
+    def _check_progress(self, now: float) -> None:
+        """Declare the model thread stuck, or past the second deadline call `on_fatal`; idle is never stuck."""
+        limit = self.config.watchdog_s
+        victims: list[_Job] = []
+        fatal = False
+        with self._cond:
+            silent = now - self._progress_at
+            if not self._running or silent <= limit:
+                return
+            if self._stuck_since is None:
+                self._stuck_since = self._progress_at
+                self._errors["watchdog"] += 1
+                victims = [*self._running, *self._waiting]
+                self._waiting = []
+                for job in self._running:
+                    job.cancelled.set()  # if the call ever returns, the batch ends at its next step
+                self._cond.notify_all()
+            elif silent > 2 * limit and not self._fatal_called:
+                self._fatal_called = fatal = True
+        if victims:
+            log.error("model thread made no progress for %.1f s (limit %.1f s): failing %d requests (ids %s)",
+                      silent, limit, len(victims), ",".join(str(j.id) for j in victims))
+            for job in victims:
+                self._fail(job, ModelStuck(f"request {job.id}: model thread silent for {silent:.1f} s"))
+        if fatal:
+            reason = f"model thread stuck for {silent:.0f} s (watchdog {limit:g} s)"
+            log.critical("%s; %s", reason, "asking the process to exit" if self.on_fatal else "no on_fatal hook set")
+            if self.on_fatal is not None:
+                try:
+                    self.on_fatal(reason)
+                except Exception:
+                    log.exception("on_fatal hook failed")
 
     # -- the model thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -259,13 +354,18 @@ class Executor:
                 self._execute(batch)
                 with self._cond:
                     self._running = []
+                    stuck, self._stuck_since = self._stuck_since, None
                     self._cond.notify_all()
+                if stuck is not None:
+                    log.warning("model thread recovered after %.1f s without progress; serving again",
+                                time.monotonic() - stuck)
 
     def _take_batch(self) -> list[_Job]:
         now = time.monotonic()
         expired = [j for j in self._waiting if j.deadline < now]
         for job in expired:
             self._waiting.remove(job)
+            self._errors["timeout"] += 1
             self._fail(job, RequestTimeout(f"request {job.id} expired in the queue"))
         entries = [Waiting(j, self._batch_key(j), self._weight(j)) for j in self._waiting]
         chosen = [w.item for w in pick_batch(entries, self.config.max_batch_size)]
@@ -275,6 +375,7 @@ class Executor:
             job.batch_size = len(chosen)
             job.post(job.started_event.set)
         self._running = chosen
+        self._progress_at = now
         return chosen
 
     @staticmethod
@@ -292,7 +393,8 @@ class Executor:
         rows = [
             Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, sent=j.sent,
                 on_delta=lambda delta, j=j: self._delta(j, delta),
-                on_done=lambda text, reason, p, c, first, j=j: self._complete(j, text, reason, p, c, first))
+                on_done=lambda text, reason, p, c, first, j=j: self._complete(j, text, reason, p, c, first),
+                on_step=self._beat)
             for j in jobs
         ]
         try:
@@ -303,8 +405,9 @@ class Executor:
             else:
                 self.engine.generate(rows)
         except Exception as exc:
-            pending = [j for j, r in zip(jobs, rows, strict=True) if not r.done and not j.future.done()]
+            pending = [j for j, r in zip(jobs, rows, strict=True) if not r.done and not j.settled]
             oom = is_out_of_memory(exc)
+            self._count("oom" if oom else "error")
             log.warning("batch of %d failed (%s%s); %d to retry", len(jobs), type(exc).__name__,
                         ", out of memory" if oom else "", len(pending) if len(jobs) > 1 else 0,
                         exc_info=not oom)
@@ -329,16 +432,34 @@ class Executor:
             (RankedCategory(c, w / total, s) for c, w, s in zip(job.categories, weights, scores, strict=True)),
             key=lambda r: r.probability, reverse=True,
         )
+        self._beat()
+        if not self._settle(job):
+            return
         self._record_latency(job)
         job.post(self._resolve, job, ranked)
 
     # -- handing results back to the event loop --------------------------------------------------
+    def _settle(self, job: _Job) -> bool:
+        """Mark `job`'s outcome as handed back; False if it already was (by the watchdog, a cancel)."""
+        with self._cond:
+            if job.settled:
+                return False
+            job.settled = True
+            return True
+
     def _delta(self, job: _Job, delta: str) -> None:
+        self._beat()
         job.sent += delta
-        job.post(job.deltas.put_nowait, delta)
+        if not job.settled:
+            job.post(job.deltas.put_nowait, delta)
 
     def _complete(self, job: _Job, text: str, reason: FinishReason, prompt_tokens: int,
                   completion_tokens: int, first_token_at: float | None = None) -> None:
+        if not self._settle(job):
+            log.info("request %d: late result (%s) dropped, it was already answered", job.id, reason.value)
+            return
+        if reason is FinishReason.TIMEOUT:
+            self._count("timeout")
         now = time.monotonic()
         result = GenerationResult(
             text=text, finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -356,6 +477,8 @@ class Executor:
         self._latencies.append(time.monotonic() - job.submitted)
 
     def _fail(self, job: _Job, exc: Exception) -> None:
+        if not self._settle(job):
+            return
         self._failed += 1
         log.warning("request %d failed: %s", job.id, exc)
         job.post(self._resolve, job, exc)

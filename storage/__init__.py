@@ -8,7 +8,14 @@ Imports nothing from discord, torch or transformers: callers convert their objec
 """
 
 from storage.database import Database, open_database
-from storage.errors import DatabaseUnavailable, ImageTooLarge, InvalidMessage, InvalidSetting, StorageError
+from storage.errors import (
+    DatabaseBusy,
+    DatabaseUnavailable,
+    ImageTooLarge,
+    InvalidMessage,
+    InvalidSetting,
+    StorageError,
+)
 from storage.records import (
     AnswerMode,
     ChannelSettings,
@@ -27,6 +34,7 @@ __all__ = [
     "AnswerMode",
     "ChannelSettings",
     "Database",
+    "DatabaseBusy",
     "DatabaseUnavailable",
     "Decoding",
     "ImageBlob",

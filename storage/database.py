@@ -9,6 +9,7 @@ the block exits.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,11 +30,16 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
-# busy_timeout first, so that switching the journal mode waits for a lock instead of failing.
+MIGRATION_LOCK_KEY = 0x1DEF1C5
+"""PostgreSQL advisory lock held while migrating (any fixed number, the same in every process of the bot)."""
+
+DEFAULT_BUSY_TIMEOUT_MS = 5000
+"""How long an SQLite connection waits for another writer's lock before "database is locked"."""
+
+# Run after `PRAGMA busy_timeout`, so that switching the journal mode waits for a lock instead of failing.
 # WAL lets readers (window loads) run while a writer appends; NORMAL is durable enough in WAL mode (a
 # power cut may lose the last commits, never corrupt) and saves one fsync per commit.
 SQLITE_PRAGMAS = (
-    "PRAGMA busy_timeout=5000",
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",  # off by default in SQLite; the ON DELETE CASCADEs depend on it
@@ -51,20 +57,28 @@ class Database:
 
 @asynccontextmanager
 async def open_database(
-    url: str, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    url: str,
+    *,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    lock_retries: int = 3,
 ) -> AsyncIterator[Database]:
     """Open (creating if needed) and migrate the database at `url`; dispose of the engine on exit.
 
     `url`: an SQLAlchemy async URL, e.g. `sqlite+aiosqlite:///./data/idefics-bot.sqlite3` or
     `postgresql+asyncpg://user:pass@host/db` (needs the `postgres` extra).
     `max_image_bytes`: the store refuses larger image blobs with `ImageTooLarge`.
+    `busy_timeout_ms` (SQLite only): how long one attempt waits for another writer's lock.
+    `lock_retries`: attempts after the first when a write still finds the database locked; then the
+    store raises `DatabaseBusy` (see `storage.retry`). The worst case is about
+    `(lock_retries + 1) * busy_timeout_ms` plus the backoff pauses (under 2 s with the defaults).
     """
     try:
         sa_url = make_url(url)
     except ArgumentError as exc:
         raise DatabaseUnavailable(f"cannot parse database URL: {exc}") from exc
     shown = sa_url.render_as_string(hide_password=True)
-    engine = _create_engine(sa_url)
+    engine = _create_engine(sa_url, busy_timeout_ms)
     try:
         try:
             await _migrate(engine)
@@ -75,7 +89,8 @@ async def open_database(
         yield Database(
             engine=engine,
             sessions=sessions,
-            store=Store(sessions, dialect_name=engine.dialect.name, max_image_bytes=max_image_bytes),
+            store=Store(sessions, dialect_name=engine.dialect.name, max_image_bytes=max_image_bytes,
+                        lock_retries=lock_retries),
         )
     finally:
         await engine.dispose()
@@ -94,7 +109,7 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-def _create_engine(url: URL) -> AsyncEngine:
+def _create_engine(url: URL, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> AsyncEngine:
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         _make_parent_folder(url)
@@ -107,7 +122,7 @@ def _create_engine(url: URL) -> AsyncEngine:
             user_message="The database driver is missing (PostgreSQL: pip install 'idefics-bot[postgres]').",
         ) from exc
     if is_sqlite:
-        event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", functools.partial(_set_sqlite_pragmas, busy_timeout_ms))
     return engine
 
 
@@ -121,10 +136,11 @@ def _make_parent_folder(url: URL) -> None:
         raise DatabaseUnavailable(f"cannot create the folder of {database}: {exc}") from exc
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _set_sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -> None:
     # Per connection: these pragmas (except journal_mode) do not persist in the file.
     cursor = dbapi_connection.cursor()
     try:
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         for pragma in SQLITE_PRAGMAS:
             cursor.execute(pragma)
     finally:
@@ -140,6 +156,11 @@ async def _migrate(engine: AsyncEngine) -> None:
             # would cascade into the rows that reference it. The pragma only takes effect outside a
             # transaction, hence here and after the commit below.
             await connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        elif engine.dialect.name == "postgresql":
+            # Several processes (shards) starting together would each find an empty or old schema and
+            # migrate it at once: the losers fail on CREATE TABLE. A transaction-scoped advisory lock makes
+            # them take turns; PostgreSQL's DDL is transactional, so the next one sees the schema at head.
+            await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         await connection.run_sync(_upgrade)
         await connection.commit()
         if is_sqlite:

@@ -2,6 +2,7 @@
 
     StorageError            root; `user_message` is safe to show, `str(error)` is log detail
     ├── DatabaseUnavailable  the database could not be opened or migrated (bad URL, missing driver, I/O)
+    ├── DatabaseBusy         a write found the database locked, still after a few retries (`storage.retry`)
     ├── ImageTooLarge        an image blob is over the store's byte bound
     ├── InvalidMessage       a `NewMessage` with a value the schema cannot hold (role, state, naive time)
     └── InvalidSetting       a channel setting with an unknown name or an out-of-range value
@@ -25,6 +26,10 @@ class StorageError(Exception):
 
 class DatabaseUnavailable(StorageError):
     default_user_message = "The conversation database is not available right now."
+
+
+class DatabaseBusy(StorageError):
+    default_user_message = "The conversation database is busy; please try again in a minute."
 
 
 class ImageTooLarge(StorageError):

@@ -2,7 +2,8 @@
 
 `open_database()` builds the one `Store` of a database (`db.store`). Each method opens its own session and
 transaction and returns plain records (`storage.records`), never ORM objects: nothing a caller holds can
-start I/O later or keep a session alive.
+start I/O later or keep a session alive. Every write is one transaction, run again when it finds the
+database locked (`storage.retry`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage.channel_settings import validate_setting
-from storage.errors import ImageTooLarge, InvalidMessage
+from storage.errors import ImageTooLarge, InvalidMessage, StorageError
 from storage.models import Channel, Image, Message, MessageImage
 from storage.queries import chunks, insert_for, window_statement, with_images
 from storage.records import (
@@ -30,8 +31,12 @@ from storage.records import (
     StoredImage,
     StoredMessage,
 )
+from storage.retry import retry_when_locked
 
 log = logging.getLogger(__name__)
+
+IMAGE_INSERT_ROUNDS = 5
+"""Attempts at storing a message's images while other processes keep deleting the same ones as orphans."""
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """Matches the bot's default `MAX_IMAGE_BYTES`; `open_database()` takes the configured value."""
@@ -46,13 +51,20 @@ class Store:
         *,
         dialect_name: str,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        lock_retries: int = 3,
+        lock_backoff_s: float = 0.25,
     ) -> None:
         self._sessions = sessions
         self._dialect = dialect_name
         self._max_image_bytes = max_image_bytes
+        self.lock_retries = lock_retries
+        """Attempts after the first when a write finds the database locked; then `DatabaseBusy`."""
+        self.lock_backoff_s = lock_backoff_s
+        """Pause before the first retry, doubled before each next one."""
 
     # ------------------------------------------------------------------ messages: write
 
+    @retry_when_locked
     async def append_message(self, msg: NewMessage) -> StoredMessage | None:
         """Store `msg` with its images, or return None (storing nothing) if its platform id is known.
 
@@ -124,6 +136,7 @@ class Store:
             ),
         )
 
+    @retry_when_locked
     async def edit_message(self, platform_id: str, text: str) -> bool:
         """Replace a message's text (the platform's edit event). False if it is not stored."""
         async with self._sessions() as session:
@@ -138,6 +151,7 @@ class Store:
         log.debug("edit platform_id=%s text_len=%d found=%s", platform_id, len(text), changed)
         return changed
 
+    @retry_when_locked
     async def set_request_state(self, platform_id: str, state: RequestState | None) -> bool:
         """Mark a request "pending", "answered" or "failed" (None: not a request). False if not stored."""
         if state is not None and state not in REQUEST_STATES:
@@ -152,6 +166,27 @@ class Store:
             await session.commit()
         return _rowcount(result) > 0
 
+    async def claim_request(
+        self, platform_id: str, state: RequestState, *, expected: RequestState = "pending"
+    ) -> bool:
+        """Move a request from `expected` to `state` only if it is still `expected`; True for the caller that did.
+
+        One conditional UPDATE (compare-and-set): of two processes recovering the same request after a
+        crash, exactly one gets True and acts on it.
+        """
+        if state not in REQUEST_STATES or expected not in REQUEST_STATES:
+            raise InvalidMessage(f"unknown request state {state!r} or {expected!r}")
+        async with self._sessions() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.platform_id == platform_id, Message.request_state == expected)
+                .values(request_state=state)
+                .execution_options(synchronize_session=False)
+            )
+            await session.commit()
+        return _rowcount(result) == 1
+
+    @retry_when_locked
     async def fail_pending_before(self, before: datetime) -> int:
         """Mark "failed" every request still "pending" that was made before `before`; return how many.
 
@@ -177,7 +212,10 @@ class Store:
 
     async def delete_messages(self, platform_ids: Iterable[str]) -> int:
         """Delete these messages (a bulk-delete event); unknown ids are ignored. Returns how many went."""
-        wanted = list(dict.fromkeys(platform_ids))
+        return await self._delete_messages(list(dict.fromkeys(platform_ids)))
+
+    @retry_when_locked
+    async def _delete_messages(self, wanted: list[str]) -> int:
         async with self._sessions() as session:
             ids: list[int] = []
             for part in chunks(wanted):
@@ -189,6 +227,7 @@ class Store:
         log.debug("deleted %d of %d messages", count, len(wanted))
         return count
 
+    @retry_when_locked
     async def clear_channel(self, channel_key: str) -> int:
         """Delete a channel's whole history; its settings stay. Returns how many messages went."""
         async with self._sessions() as session:
@@ -215,6 +254,7 @@ class Store:
         log.info("cleared channel=%s messages=%d orphan_images=%d", channel_key, count, removed_images)
         return count
 
+    @retry_when_locked
     async def forget_user(self, author_id: str) -> int:
         """Delete everything a user wrote, in every channel, and the bot's answers to it.
 
@@ -300,6 +340,7 @@ class Store:
             channel = await session.scalar(select(Channel).where(Channel.key == channel_key))
         return ChannelSettings() if channel is None else _settings(channel)
 
+    @retry_when_locked
     async def update_channel_settings(self, channel_key: str, **changes: Any) -> ChannelSettings:
         """Set some settings (None resets one to the default) and return them all.
 
@@ -349,33 +390,49 @@ class Store:
     async def _ensure_images(
         self, session: AsyncSession, msg: NewMessage, hashes: list[str]
     ) -> dict[str, int]:
-        """Insert the images not stored yet; return the id of every image of `msg` by hash."""
+        """Insert the images not stored yet; return the id of every image of `msg` by hash.
+
+        On PostgreSQL another process may delete an image as an orphan between our INSERT (which found it
+        and did nothing) and our lock: the locking read then misses it, and the insert is tried again for
+        those. Once a row is locked FOR KEY SHARE no clean-up can delete it before this transaction ends.
+        (SQLite serialises writers, so there the first round always finds every image.)
+        """
         distinct = dict(zip(hashes, msg.images, strict=True))  # the same picture twice is one row
-        await session.execute(
-            insert_for(self._dialect, Image)
-            .values(
-                [
-                    {
-                        "sha256": sha,
-                        "mime": blob.mime,
-                        "width": blob.width,
-                        "height": blob.height,
-                        "byte_size": len(blob.data),
-                        "data": blob.data,
-                    }
-                    for sha, blob in distinct.items()
-                ]
+        found: dict[str, int] = {}
+        for _ in range(IMAGE_INSERT_ROUNDS):
+            missing = {sha: blob for sha, blob in distinct.items() if sha not in found}
+            if not missing:
+                return found
+            await session.execute(
+                insert_for(self._dialect, Image)
+                .values(
+                    [
+                        {
+                            "sha256": sha,
+                            "mime": blob.mime,
+                            "width": blob.width,
+                            "height": blob.height,
+                            "byte_size": len(blob.data),
+                            "data": blob.data,
+                        }
+                        for sha, blob in missing.items()
+                    ]
+                )
+                .on_conflict_do_nothing(index_elements=[Image.sha256])
             )
-            .on_conflict_do_nothing(index_elements=[Image.sha256])
-        )
-        # FOR KEY SHARE (PostgreSQL; SQLite serialises writers anyway) keeps a concurrent orphan clean-up
-        # from deleting an existing image between this read and the link insert below.
-        rows = await session.execute(
-            select(Image.sha256, Image.id)
-            .where(Image.sha256.in_(list(distinct)))
-            .with_for_update(key_share=True)
-        )
-        return {sha: image_id for sha, image_id in rows}
+            # Locks taken in id order (as the orphan clean-up does), so two transactions cannot deadlock.
+            rows = await session.execute(
+                select(Image.sha256, Image.id)
+                .where(Image.sha256.in_(list(missing)))
+                .order_by(Image.id)
+                .with_for_update(key_share=True)
+            )
+            found.update({sha: image_id for sha, image_id in rows})
+        if len(found) < len(distinct):
+            raise StorageError(
+                f"platform_id={msg.platform_id}: images deleted concurrently {IMAGE_INSERT_ROUNDS} times"
+            )
+        return found
 
     async def _delete_by_ids(self, session: AsyncSession, ids: Sequence[int]) -> int:
         """Delete messages by database id (links go by cascade), then the images left unlinked."""
@@ -404,6 +461,13 @@ class Store:
         """
         removed = 0
         for part in chunks(candidates):
+            # Lock first, then check in a second statement: a transaction linking one of these images holds
+            # it FOR KEY SHARE, so this waits for it to commit, and the DELETE's own snapshot (taken after
+            # the wait) then sees the new link. One DELETE alone would judge "orphan" on a snapshot from
+            # before the wait and fail on the foreign key. (PostgreSQL; SQLite has no row locks to wait on.)
+            await session.execute(
+                select(Image.id).where(Image.id.in_(part)).order_by(Image.id).with_for_update()
+            )
             result = await session.execute(
                 delete(Image)
                 .where(Image.id.in_(part), ~exists().where(MessageImage.image_id == Image.id))

@@ -1,5 +1,5 @@
-"""Layered fixtures for the Discord bot: settings -> services (tiny model, temp SQLite) -> the real bot
-running against the loopback fake Discord.
+"""Layered fixtures for the Discord bot: settings -> services (tiny model, temp SQLite or PostgreSQL) -> the real
+bot running against the loopback fake Discord.
 
 The tiny model is loaded once per session (`engine` in tests/conftest.py); each test gets its own executor,
 database and bot, so no queue or history leaks from one test into another.
@@ -26,14 +26,22 @@ from storage import open_database
 from tests.conftest import noise_image
 from tests.fake_discord import DefaultWorld, FakeDiscord
 from tests.fake_discord.fixtures import fake_discord  # noqa: F401
+from tests.postgres import BACKENDS, postgres_url_or_skip, reset_schema
 
 FAST_EDIT_INTERVAL_S = 0.05
 """Streaming edits in tests: short enough to be quick, long enough that several deltas share an edit."""
 
 
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'bot.sqlite3'}"
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A temp SQLite file, then (with `TEST_DATABASE_URL`) the same test on an emptied PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'bot.sqlite3'}"
+        return
+    url = postgres_url_or_skip("Discord tests")
+    await reset_schema(url)
+    yield url
+    await reset_schema(url)
 
 
 @pytest.fixture

@@ -7,44 +7,29 @@ run is skipped with its reason shown in the summary (`-ra`), so a missing Postgr
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage import Database, ImageBlob, NewMessage, Store, open_database
-from storage.models import Base
+from tests.postgres import BACKENDS, postgres_url_or_skip, reset_schema
 
 MAX_IMAGE_BYTES = 64 * 1024
 """The bound the test store enforces: small, so `ImageTooLarge` is cheap to reach."""
 
 
-async def _reset_external(url: str) -> None:
-    """Leave a shared test database empty, so every test starts from a fresh migration."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.begin() as connection:
-            await connection.run_sync(Base.metadata.drop_all)
-            await connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "TEST_DATABASE_URL"])
+@pytest.fixture(params=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
     if request.param == "sqlite":
         # A folder that does not exist yet: open_database must create it.
         yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'idefics-bot.sqlite3'}"
         return
-    url = os.environ.get("TEST_DATABASE_URL")
-    if not url:
-        pytest.skip("TEST_DATABASE_URL is not set: not running storage tests against PostgreSQL")
-    await _reset_external(url)
+    url = postgres_url_or_skip("storage tests")
+    await reset_schema(url)
     yield url
-    await _reset_external(url)
+    await reset_schema(url)
 
 
 @pytest.fixture

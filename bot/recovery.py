@@ -1,0 +1,127 @@
+"""After a crash: answer the requests a previous run left "pending", or tell their authors to ask again.
+
+A request is "pending" from the moment the user's message is stored until its answer is stored, so a process
+killed in between (SIGKILL, the OOM killer, a power cut) leaves a trace. On the next start, once the client is
+ready (channels can be resolved), each such request is first claimed, then acted on:
+
+- claimed: a compare-and-set "pending" -> "failed" in one UPDATE, so of two processes starting together only
+  one acts on a request. The claim comes before the action: a crash during recovery leaves the request
+  "failed", so a request is retried at most once (it may be what kills the process) and never answered twice;
+- made within `RESUME_WINDOW_S` of the start: answered through the normal pipeline as a reply to the original
+  message (the pipeline marks it "answered");
+- older: a short reply saying the bot restarted and asking to ask again;
+- its channel or message is gone: left "failed", nothing is sent.
+
+Requests of the terminal (channel "console") are not Discord's and are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Container
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import discord
+
+from bot.replies import send_notice
+from storage import StorageError, StoredMessage
+
+if TYPE_CHECKING:
+    from bot.client import IdeficsBot
+
+log = logging.getLogger(__name__)
+
+RESTARTED = "I was restarted and lost track of your question; please ask again"
+"""The reply to a request cut off by a crash and too old to answer now."""
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What one start-up recovery did, for logs and tests."""
+
+    resumed: int
+    """Requests being answered again."""
+    told: int
+    """Authors told to ask again (their request was older than the window)."""
+    dropped: int
+    """Requests whose channel or message no longer exists, or that could not be reached."""
+    skipped: int
+    """Requests another process claimed first, or that this process is answering itself."""
+
+
+async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: float,
+                          live: Container[str] = ()) -> RecoveryReport:
+    """Act once on every Discord request left "pending" by an earlier run (made before `started_at`).
+
+    `live`: platform ids this process has recorded as requests itself; they are being answered already.
+    """
+    store = bot.services.conversation.store
+    cutoff = started_at - timedelta(seconds=window_s)
+    try:
+        requests = await store.pending_requests_before(started_at)
+    except StorageError as exc:
+        log.warning("pending requests of an earlier run not read: %s", type(exc).__name__)
+        return RecoveryReport(0, 0, 0, 0)
+    resumed = told = dropped = skipped = 0
+    for request in requests:
+        if not (request.platform_id.isdigit() and request.channel_key.isdigit()):
+            continue  # the terminal's, or not a message: not ours to answer
+        if bot.draining:
+            log.info("recovery stopped: shutting down (%d requests left pending)", len(requests))
+            break
+        if request.platform_id in live:
+            skipped += 1
+            continue
+        try:
+            claimed = await store.claim_request(request.platform_id, "failed")
+        except StorageError as exc:
+            log.warning("request %s not claimed: %s", request.platform_id, type(exc).__name__)
+            continue
+        if not claimed:
+            skipped += 1
+            continue
+        try:
+            message = await _find_message(bot, request)
+        except asyncio.CancelledError:
+            await _unclaim(bot, request)  # cancelled before acting: the next start may try it
+            raise
+        if message is None:
+            dropped += 1
+            continue
+        if request.created_at < cutoff:
+            log.info("request %s of an earlier run is %.0fs old: asking its author to ask again",
+                     request.platform_id, (started_at - request.created_at).total_seconds())
+            await send_notice(message, RESTARTED)
+            told += 1
+        else:
+            log.info("request %s of an earlier run: answering it now", request.platform_id)
+            bot.answer_recovered(message, request)
+            resumed += 1
+    report = RecoveryReport(resumed, told, dropped, skipped)
+    log.info("recovery done: %d resumed, %d told to ask again, %d dropped, %d skipped", resumed, told, dropped,
+             skipped)
+    return report
+
+
+async def _find_message(bot: IdeficsBot, request: StoredMessage) -> discord.Message | None:
+    """The request's Discord message, or None if its channel or the message itself is gone or out of reach."""
+    channel_id, message_id = int(request.channel_key), int(request.platform_id)
+    try:
+        channel = bot.get_channel(channel_id) or await bot.fetch_channel(channel_id)
+        if not isinstance(channel, discord.abc.Messageable):
+            log.info("request %s: channel %s cannot hold messages", request.platform_id, channel_id)
+            return None
+        return await channel.fetch_message(message_id)
+    except discord.HTTPException as exc:  # NotFound (deleted), Forbidden (no access any more), or Discord trouble
+        log.info("request %s not recovered: HTTP %s (code %s)", request.platform_id, exc.status, exc.code)
+        return None
+
+
+async def _unclaim(bot: IdeficsBot, request: StoredMessage) -> None:
+    try:
+        await bot.services.conversation.store.claim_request(request.platform_id, "pending", expected="failed")
+    except StorageError:
+        log.warning("request %s left failed", request.platform_id)
