@@ -19,8 +19,9 @@ import discord.gateway
 import discord.http
 import yarl
 
-from bot.client import IdeficsBot
+from bot.client import create_bot
 from bot.logging_setup import install_log_redaction
+from bot.metrics import MetricsServerError, start_metrics_server
 from bot.runtime import Services, open_services
 from bot.settings import Settings
 
@@ -77,7 +78,12 @@ async def serve(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings, services: Services, token: str) -> int:
-    bot = IdeficsBot(services)
+    bot = create_bot(services)  # `ShardedIdeficsBot` with DISCORD_SHARDS
+    try:
+        metrics = await start_metrics_server(settings, services.executor, bot)  # None without METRICS_PORT
+    except MetricsServerError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # shut down, giving running answers the grace period
     hurry = asyncio.Event()  # cancel running answers now (a second signal, or the model is gone)
@@ -124,6 +130,8 @@ async def _serve(settings: Settings, services: Services, token: str) -> int:
             loop.remove_signal_handler(sig)
         if executor is not None:
             executor.on_fatal = None
+        if metrics is not None:
+            await metrics.stop()
     if runner.done() and not runner.cancelled() and runner.exception() is not None:
         exc = runner.exception()
         if isinstance(exc, discord.LoginFailure):

@@ -21,6 +21,7 @@ from bot.conversation import IncomingMessage, Reply
 from bot.errors import ImageTooLarge, UserInputError
 from bot.fetch import ImageFetcher
 from bot.images import CheckedImage, ImageLimits, check_image
+from bot.log_format import use_log_format
 from bot.runtime import open_executor, open_services
 from bot.settings import Settings
 from model_server.errors import ModelServerError
@@ -274,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"idefics-bot: error: {_settings_error(exc)}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level if args.command == "run" else logging.WARNING)
+    use_log_format(settings.log_format)
     try:
         if args.command == "run":
             from bot.app import serve

@@ -10,6 +10,14 @@ order (the pipeline's per-channel lock); answers of different channels run toget
 Restarts: once ready, requests a crashed run left "pending" are answered or their authors told
 (`bot.recovery`). Shutdown (`drain`): new requests are stored but not started (they stay "pending" for the
 next start), running answers get a grace period, then are cancelled with a short notice and stay "pending".
+
+Sharding (`DISCORD_SHARDS`, `DISCORD_SHARD_IDS`): `create_bot` picks the class. Unset, `IdeficsBot` is a plain
+`commands.Bot` on one gateway connection. Set, `ShardedIdeficsBot` adds discord.py's `AutoShardedBot`: several
+connections in this process, each with its share of the guilds (Discord sends a guild's events to shard
+`(guild_id >> 22) % shard_count`, DMs to shard 0). Everything else is the same class: a channel's events all
+reach one shard, so the per-channel ordering above holds within a process. Several processes may split the
+shards and share one database; then only the process running shard 0 syncs the slash commands, and each
+process's restart recovery touches only its own shards' channels (`bot.recovery`).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from bot.attachments import images_from_message
 from bot.errors import RateLimited
 from bot.incoming import channel_key, starter_platform_id, to_incoming
 from bot.limits import UserLimiter
-from bot.recovery import recover_pending
+from bot.recovery import RecoveryReport, recover_pending, shard_of
 from bot.replies import MessageReplySink, send_notice
 from bot.runtime import Services
 from bot.triggers import MessageFacts, decide
@@ -73,6 +81,8 @@ class IdeficsBot(commands.Bot):
         self._started_at = datetime.now(UTC)
         self._draining = False
         self._recovery: asyncio.Task[Any] | None = None
+        self.recovery: RecoveryReport | None = None
+        """What this start's recovery of an earlier run's requests did, once it is done."""
         self._live_requests: set[str] | None = set()
         """Requests this run recorded before its recovery finished (None after): recovery leaves them alone."""
 
@@ -89,9 +99,13 @@ class IdeficsBot(commands.Bot):
             await setup_commands(self)
         guild_id = self.services.settings.discord_dev_guild_id
         if guild_id is not None:
-            guild = discord.Object(guild_id)
-            self.tree.copy_global_to(guild=guild)
-            synced = await self.tree.sync(guild=guild)
+            self.tree.copy_global_to(guild=discord.Object(guild_id))
+        scope = self.shard_scope
+        if scope is not None and 0 not in scope[1]:
+            # The commands are the application's, not a shard's: one process (shard 0's) registers them.
+            log.info("application commands registered by the process running shard 0")
+        elif guild_id is not None:
+            synced = await self.tree.sync(guild=discord.Object(guild_id))
             log.info("synced %d application commands to guild %s", len(synced), guild_id)
         else:
             synced = await self.tree.sync()
@@ -99,16 +113,18 @@ class IdeficsBot(commands.Bot):
 
     async def on_ready(self) -> None:
         self._adopt_identity()
-        log.info("ready as user %s in %d guilds", self.user.id if self.user else "?", len(self.guilds))
+        scope = self.shard_scope
+        log.info("ready as user %s in %d guilds%s", self.user.id if self.user else "?", len(self.guilds),
+                 "" if scope is None else f" (shards {sorted(scope[1])} of {scope[0]})")
         # Once per process (on_ready comes again after a new gateway session): channels resolve from here on.
         if self._recovery is None and not self._draining:
             self._recovery = self.spawn(self._recover(), name="recover-pending")
 
     async def _recover(self) -> None:
         try:
-            await recover_pending(self, started_at=self._started_at,
-                                  window_s=self.services.settings.resume_window_s,
-                                  live=self._live_requests if self._live_requests is not None else ())
+            self.recovery = await recover_pending(
+                self, started_at=self._started_at, window_s=self.services.settings.resume_window_s,
+                live=self._live_requests if self._live_requests is not None else ())
         finally:
             self._live_requests = None
 
@@ -117,6 +133,16 @@ class IdeficsBot(commands.Bot):
             conversation = self.services.conversation
             conversation.assistant_id = str(self.user.id)
             conversation.assistant_name = self.user.display_name
+
+    @property
+    def shard_scope(self) -> tuple[int, frozenset[int]] | None:
+        """(shard count, the shard ids this process runs), or None on one unsharded connection (it sees all)."""
+        return None
+
+    def runs_shard_of(self, guild_id: int | None) -> bool:
+        """Whether Discord sends this process the events of that guild (None: a DM)."""
+        scope = self.shard_scope
+        return scope is None or shard_of(guild_id, scope[0]) in scope[1]
 
     @property
     def draining(self) -> bool:
@@ -388,3 +414,39 @@ class IdeficsBot(commands.Bot):
         count = await self.services.conversation.store.clear_channel(str(channel.id))
         log.info("channel %s deleted: %d messages removed", channel.id, count)
 
+
+class ShardedIdeficsBot(IdeficsBot, commands.AutoShardedBot):
+    """`IdeficsBot` on several gateway connections (discord.py's `AutoShardedBot`); built by `create_bot`.
+
+    Shard count and ids come from the settings unless given: a number, or `auto` for the count Discord
+    recommends. Between two identifies discord.py waits 5 s (Discord's rate limit on starting sessions).
+    """
+
+    def __init__(self, services: Services, **kwargs: Any) -> None:
+        settings = services.settings
+        if isinstance(settings.discord_shards, int):
+            kwargs.setdefault("shard_count", settings.discord_shards)
+            if settings.discord_shard_ids is not None:
+                kwargs.setdefault("shard_ids", list(settings.discord_shard_ids))
+        super().__init__(services, **kwargs)
+
+    async def setup_hook(self) -> None:
+        if self.shard_count is None:
+            # `auto`: asked here rather than by `launch_shards`, which would also take Discord's gateway URL
+            # over `DISCORD_GATEWAY_URL`.
+            self.shard_count, _, _ = await self.http.get_bot_gateway()
+            log.info("Discord recommends %d shards", self.shard_count)
+        await super().setup_hook()
+
+    @property
+    def shard_scope(self) -> tuple[int, frozenset[int]] | None:
+        count = self.shard_count
+        if count is None:  # `auto` before login: all shards will be this process's
+            return None
+        return count, frozenset(self.shard_ids if self.shard_ids is not None else range(count))
+
+
+def create_bot(services: Services, **kwargs: Any) -> IdeficsBot:
+    """The bot the settings ask for: `IdeficsBot` unless `DISCORD_SHARDS` is set, then `ShardedIdeficsBot`."""
+    cls = IdeficsBot if services.settings.discord_shards is None else ShardedIdeficsBot
+    return cls(services, **kwargs)

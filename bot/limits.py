@@ -2,6 +2,11 @@
 
 One person must not be able to fill the model's queue for everyone else. The limits are kept in memory:
 they protect a running bot from bursts, and a restart forgetting them is harmless.
+
+They are per process. With the shards split over several processes (`DISCORD_SHARD_IDS`), a user counts
+separately in each process that receives their messages: one process serves DMs (shard 0) and each guild
+lives on one shard, so someone active in guilds on k processes may have k times the limits. Each process
+still protects its own queue; a limit shared by all would need the database on every message.
 """
 
 from __future__ import annotations

@@ -13,6 +13,15 @@ ready (channels can be resolved), each such request is first claimed, then acted
 - its channel or message is gone: left "failed", nothing is sent.
 
 Requests of the terminal (channel "console") are not Discord's and are left alone.
+
+Several processes, each running some of the shards, may share one database: a process recovers only the
+requests of channels on its own shards, or it would claim requests that another live process is answering.
+A channel's shard is Discord's: `(guild_id >> 22) % shard_count` for a guild's channels and threads, shard 0
+for DMs. The request row holds only the channel id, so the channel is looked up: in the client's cache (this
+process's guilds, with their channels and active threads), else over REST (a DM, an archived thread, or a
+channel of another process's guild). A channel that is gone (404) or out of reach (403) counts as shard 0's,
+so exactly one process drops its requests; when Discord cannot say (5xx, timeouts) the request is left
+"pending" for a later start. Without sharding the process runs every shard and nothing is filtered.
 """
 
 from __future__ import annotations
@@ -50,6 +59,14 @@ class RecoveryReport:
     """Requests whose channel or message no longer exists, or that could not be reached."""
     skipped: int
     """Requests another process claimed first, or that this process is answering itself."""
+    elsewhere: int = 0
+    """Requests of channels on shards this process does not run (another process's), or whose channel Discord
+    could not locate just now: left "pending"."""
+
+
+def shard_of(guild_id: int | None, shard_count: int) -> int:
+    """The shard Discord sends a guild's events to (`guild_id` None, a DM: shard 0)."""
+    return 0 if guild_id is None else (guild_id >> 22) % shard_count
 
 
 async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: float,
@@ -65,7 +82,7 @@ async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: fl
     except StorageError as exc:
         log.warning("pending requests of an earlier run not read: %s", type(exc).__name__)
         return RecoveryReport(0, 0, 0, 0)
-    resumed = told = dropped = skipped = 0
+    resumed = told = dropped = skipped = elsewhere = 0
     for request in requests:
         if not (request.platform_id.isdigit() and request.channel_key.isdigit()):
             continue  # the terminal's, or not a message: not ours to answer
@@ -74,6 +91,11 @@ async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: fl
             break
         if request.platform_id in live:
             skipped += 1
+            continue
+        located = await _find_channel(bot, request)
+        channel, guild_id = located if located is not None else (None, None)
+        if bot.shard_scope is not None and (located is None or not bot.runs_shard_of(guild_id)):
+            elsewhere += 1
             continue
         try:
             claimed = await store.claim_request(request.platform_id, "failed")
@@ -84,7 +106,7 @@ async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: fl
             skipped += 1
             continue
         try:
-            message = await _find_message(bot, request)
+            message = None if channel is None else await _find_message(channel, request)
         except asyncio.CancelledError:
             await _unclaim(bot, request)  # cancelled before acting: the next start may try it
             raise
@@ -100,21 +122,42 @@ async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: fl
             log.info("request %s of an earlier run: answering it now", request.platform_id)
             bot.answer_recovered(message, request)
             resumed += 1
-    report = RecoveryReport(resumed, told, dropped, skipped)
-    log.info("recovery done: %d resumed, %d told to ask again, %d dropped, %d skipped", resumed, told, dropped,
-             skipped)
+    report = RecoveryReport(resumed, told, dropped, skipped, elsewhere)
+    log.info("recovery done: %d resumed, %d told to ask again, %d dropped, %d skipped, %d on other shards",
+             resumed, told, dropped, skipped, elsewhere)
     return report
 
 
-async def _find_message(bot: IdeficsBot, request: StoredMessage) -> discord.Message | None:
-    """The request's Discord message, or None if its channel or the message itself is gone or out of reach."""
-    channel_id, message_id = int(request.channel_key), int(request.platform_id)
-    try:
-        channel = bot.get_channel(channel_id) or await bot.fetch_channel(channel_id)
-        if not isinstance(channel, discord.abc.Messageable):
-            log.info("request %s: channel %s cannot hold messages", request.platform_id, channel_id)
+_Channel = discord.abc.GuildChannel | discord.Thread | discord.abc.PrivateChannel
+
+
+async def _find_channel(bot: IdeficsBot, request: StoredMessage) -> tuple[_Channel | None, int | None] | None:
+    """The request's channel (None if gone or out of reach) and its guild's id (None: a DM, or gone).
+
+    None when Discord could not say (5xx, timeouts): nobody knows whose it is.
+    """
+    channel_id = int(request.channel_key)
+    channel = bot.get_channel(channel_id)
+    if channel is None:
+        try:
+            channel = await bot.fetch_channel(channel_id)
+        except (discord.NotFound, discord.Forbidden) as exc:
+            log.info("request %s: channel %s gone (HTTP %s)", request.platform_id, channel_id, exc.status)
+            return None, None
+        except discord.HTTPException as exc:
+            log.info("request %s: channel %s not looked up (HTTP %s)", request.platform_id, channel_id, exc.status)
             return None
-        return await channel.fetch_message(message_id)
+    guild = getattr(channel, "guild", None)
+    return channel, None if guild is None else guild.id
+
+
+async def _find_message(channel: _Channel, request: StoredMessage) -> discord.Message | None:
+    """The request's Discord message, or None if the message is gone or out of reach."""
+    if not isinstance(channel, discord.abc.Messageable):
+        log.info("request %s: channel %s cannot hold messages", request.platform_id, channel.id)
+        return None
+    try:
+        return await channel.fetch_message(int(request.platform_id))
     except discord.HTTPException as exc:  # NotFound (deleted), Forbidden (no access any more), or Discord trouble
         log.info("request %s not recovered: HTTP %s (code %s)", request.platform_id, exc.status, exc.code)
         return None

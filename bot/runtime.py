@@ -57,20 +57,26 @@ async def open_executor(settings: Settings, model: str | None = None,
                         progress: Callable[[str], None] | None = None) -> AsyncIterator[tuple[Executor, ModelInfo]]:
     """Load the model (on a worker thread: loading takes minutes for real checkpoints) and start the executor.
 
+    With `IDEFICS_DEVICES` listing several devices, one replica is loaded on each (one after the other) and the
+    executor is a `ReplicaPool` with the same surface; listing one device loads a plain executor there.
     With `GENERATION_BACKEND=tgi` nothing is loaded here: the executor sends requests to `TGI_URL`.
     """
     if settings.generation_backend == "tgi":
         async with open_tgi_executor(settings, model, progress) as opened:
             yield opened
         return
-    from model_server.engine import LocalEngine
     from model_server.loading import load_model
+    from model_server.replicas import load_replicas, local_executor
 
     config = settings.model_config_for(model)
-    loaded = await asyncio.to_thread(load_model, config, progress)
+    if config.devices:
+        models = await asyncio.to_thread(load_replicas, config, progress)
+    else:
+        models = [await asyncio.to_thread(load_model, config, progress)]
+    loaded = models[0]
     info = ModelInfo(name=config.model, instruct=loaded.instruct, max_positions=loaded.max_positions,
                      count_tokens=loaded.count_tokens)
-    async with Executor(LocalEngine(loaded), config, batch_window_s=settings.batch_window_ms / 1000) as executor:
+    async with local_executor(models, config, batch_window_s=settings.batch_window_ms / 1000) as executor:
         yield executor, info
 
 

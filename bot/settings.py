@@ -6,10 +6,10 @@ part it needs, as its own small config dataclass (see `model_config()`, `image_l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.conversation import ChatDefaults
 from bot.images import ImageLimits
@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     """Override of Discord's REST base URL (e.g. `https://proxy.example/api/v10`): tests, self-hosted API proxies."""
     discord_gateway_url: str | None = None
     """Override of Discord's gateway websocket URL (e.g. `wss://proxy.example/`): tests, self-hosted proxies."""
+    discord_shards: int | Literal["auto"] | None = None
+    """Unset: one gateway connection. A number N: N shards (an `AutoShardedBot`); `auto`: the count Discord
+    recommends (`GET /gateway/bot`). With `DISCORD_SHARD_IDS`, the total over all processes."""
+    discord_shard_ids: Annotated[tuple[int, ...] | None, NoDecode] = None
+    """The shards this process runs (comma-separated ids, e.g. `0,1`), when several processes share the
+    shards (and one database); unset: all of them. Needs `DISCORD_SHARDS` as a number."""
 
     # Restarts and shutdown
     resume_window_s: float = Field(default=600.0, ge=0)
@@ -49,6 +55,9 @@ class Settings(BaseSettings):
     # Model
     idefics_model: str = DEFAULT_MODEL
     idefics_device: Literal["auto", "cuda", "cpu"] = "auto"
+    idefics_devices: str = ""
+    """Comma-separated devices (`cuda:0,cuda:1`), one model replica on each; empty: one model on `IDEFICS_DEVICE`
+    (spread over all GPUs on CUDA). Checked when the model loads (`model_server.replicas.resolve_devices`)."""
     idefics_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     idefics_quantization: Literal["none", "4bit", "8bit"] = "none"
     generation_backend: Literal["local", "tgi"] = "local"
@@ -89,17 +98,64 @@ class Settings(BaseSettings):
     # Storage and logs
     database_url: str = DEFAULT_DATABASE_URL
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per line (time, level, logger, message, extra fields), for log collectors."""
 
-    @field_validator("system_prompt", "tgi_url", "discord_api_base", "discord_gateway_url", mode="before")
+    # Metrics and health
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """`idefics-bot run` serves `/metrics` (Prometheus) and `/healthz` on this port; unset: no server."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics server listens on (`0.0.0.0`: every interface, e.g. in a container)."""
+
+    @field_validator("system_prompt", "tgi_url", "discord_api_base", "discord_gateway_url", "metrics_port",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("discord_shards", mode="before")
+    @classmethod
+    def _shard_count(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value in ("", "auto"):
+                return value or None
+            if not value.isdigit():
+                raise ValueError("expected a number of shards or 'auto'")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError("expected at least 1 shard")
+        return value
+
+    @field_validator("discord_shard_ids", mode="before")
+    @classmethod
+    def _split_shard_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            if not all(part.isdigit() for part in parts):
+                raise ValueError("expected comma-separated shard ids, e.g. 0,1")
+            return tuple(int(part) for part in parts) or None
+        return value
+
+    @field_validator("discord_shard_ids")
+    @classmethod
+    def _shard_ids_fit(cls, value: tuple[int, ...] | None, info: ValidationInfo) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        total = info.data.get("discord_shards")
+        if not isinstance(total, int):
+            raise ValueError("needs DISCORD_SHARDS set to the total number of shards")
+        if len(set(value)) != len(value) or not all(0 <= shard < total for shard in value):
+            raise ValueError(f"expected distinct ids from 0 to {total - 1} (DISCORD_SHARDS={total})")
+        return value
 
     def model_config_for(self, model: str | None = None) -> ModelConfig:
         """The model server's part of the settings; `model` overrides `IDEFICS_MODEL` (the `--model` flag)."""
         return ModelConfig(
             model=model or self.idefics_model,
             device=self.idefics_device,
+            devices=tuple(part.strip() for part in self.idefics_devices.split(",")) if self.idefics_devices.strip()
+            else (),
             dtype=self.idefics_dtype,
             quantization=self.idefics_quantization,
             max_batch_size=self.max_batch_size,

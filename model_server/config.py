@@ -11,6 +11,8 @@ class ModelConfig:
     model: str
     """Hub id or local folder of an IDEFICS checkpoint (base or instruct)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    devices: tuple[str, ...] = ()
+    """One model replica per entry (`cpu`, `cuda` or `cuda:N`; see `replicas`); empty: one model on `device`."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: Literal["none", "4bit", "8bit"] = "none"
     max_batch_size: int = 8

@@ -172,6 +172,10 @@ class Executor:
         self.on_fatal: Callable[[str], None] | None = None
         """Called once, from the watchdog thread, when the model thread stays stuck past twice
         `config.watchdog_s`; the app sets it to stop the process with a non-zero exit status."""
+        self.observers: list[Callable[[GenerationResult | Exception], None]] = []
+        """Told each request's outcome (metrics): its `GenerationResult`, or the exception it failed with or
+        was refused with at `submit` (`Busy`, ...); rank results are not reported. Called from the model
+        thread, the watchdog or the event loop: must be quick and thread-safe."""
         self._progress_at = time.monotonic()
         """Last sign of life of the model thread (batch start, decode step, finished row)."""
         self._stuck_since: float | None = None
@@ -243,15 +247,19 @@ class Executor:
             future=loop.create_future(), deltas=asyncio.Queue(), submitted=now,
             deadline=now + (timeout_s or self.config.request_timeout_s),
         )
-        with self._cond:
-            if self._closing:
-                raise ExecutorClosed("executor is closing")
-            if self._stuck_since is not None:
-                raise ModelStuck(f"request refused: {self.fault}")
-            if len(self._waiting) >= self.config.max_queue:
-                raise Busy(len(self._waiting), self.config.max_queue)
-            self._waiting.append(job)
-            self._cond.notify()
+        try:
+            with self._cond:
+                if self._closing:
+                    raise ExecutorClosed("executor is closing")
+                if self._stuck_since is not None:
+                    raise ModelStuck(f"request refused: {self.fault}")
+                if len(self._waiting) >= self.config.max_queue:
+                    raise Busy(len(self._waiting), self.config.max_queue)
+                self._waiting.append(job)
+                self._cond.notify()
+        except Exception as exc:
+            self._observe(exc)
+            raise
         log.debug("request %d queued: kind=%s images=%d", job.id, kind, len(prompt.images))
         return job
 
@@ -281,6 +289,11 @@ class Executor:
             median_latency_s=statistics.median(latencies) if latencies else None, batches=len(self.batches),
             errors=errors, fault=self.fault,
         )
+
+    @property
+    def alive(self) -> bool:
+        """The model thread runs: started, and neither closed nor crashed."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def fault(self) -> str | None:
@@ -470,6 +483,7 @@ class Executor:
         self._record_latency(job)
         log.info("request %d done: %s, %d+%d tokens, batch %d, %.2fs", job.id, reason.value, prompt_tokens,
                  completion_tokens, job.batch_size, result.total_s)
+        self._observe(result)  # before the result is handed back: whoever awaits it sees it counted
         job.post(self._resolve, job, result)
 
     def _record_latency(self, job: _Job) -> None:
@@ -481,7 +495,15 @@ class Executor:
             return
         self._failed += 1
         log.warning("request %d failed: %s", job.id, exc)
+        self._observe(exc)
         job.post(self._resolve, job, exc)
+
+    def _observe(self, outcome: GenerationResult | Exception) -> None:
+        for observer in self.observers:
+            try:
+                observer(outcome)
+            except Exception:  # metrics must never break generation
+                log.exception("executor observer failed")
 
     @staticmethod
     def _resolve(job: _Job, outcome: object) -> None:

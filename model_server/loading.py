@@ -54,6 +54,17 @@ class LoadedModel:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def gpu_memory() -> dict[str, int]:
+    """Bytes of tensors allocated on each CUDA device ("cuda:0": ...); {} without CUDA (for metrics).
+
+    Cheap and safe to call from any thread; a device this process never used reports 0 (CUDA is not initialised
+    for it).
+    """
+    if not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": int(torch.cuda.memory_allocated(i)) for i in range(torch.cuda.device_count())}
+
+
 def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,16 +79,17 @@ def resolve_device(requested: str) -> str:
 def resolve_dtype(requested: str, device: str) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
-    if device == "cuda":
+    if device.startswith("cuda"):
         # Ampere and newer compute in bfloat16 natively; older GPUs only in float16.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.cuda.device(torch.device(device)):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
 def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> Any | None:
     if quantization == "none":
         return None
-    if device != "cuda":
+    if not device.startswith("cuda"):
         raise ModelLoadError(
             f"quantization {quantization} requested on {device}",
             user_message=f"IDEFICS_QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes runs on CUDA only)",
@@ -136,13 +148,26 @@ def _load_error(name: str, exc: Exception) -> ModelLoadError:
     )
 
 
-def load_model(config: ModelConfig, progress: Progress | None = None) -> LoadedModel:
-    """Load processor and model as `config` says; `progress` receives one line per step."""
+def load_model(config: ModelConfig, progress: Progress | None = None, *, device: str | None = None) -> LoadedModel:
+    """Load processor and model as `config` says; `progress` receives one line per step.
+
+    `device` (`cpu` or `cuda:N`, checked by the caller: see `replicas.resolve_devices`) puts the whole model
+    on that one device, as one replica of several; None follows `config.device`, and on CUDA lets accelerate
+    spread the model over every visible GPU.
+    """
     from transformers import IdeficsForVisionText2Text
 
     say = progress or (lambda line: log.info("%s", line))
     started = time.monotonic()
-    device = resolve_device(config.device)
+    placement: str | dict[str, str] | None = None
+    if device is None:
+        device = resolve_device(config.device)
+        if device == "cuda":
+            # accelerate spreads a checkpoint too large for one GPU (80B) over all visible GPUs.
+            placement = "auto"
+    elif device.startswith("cuda"):
+        # A replica: every layer on its own GPU, never spread (other replicas use the other GPUs).
+        placement = {"": device}
     dtype = resolve_dtype(config.dtype, device)
     quant = quantization_config(config.quantization, dtype, device)
 
@@ -153,9 +178,8 @@ def load_model(config: ModelConfig, progress: Progress | None = None) -> LoadedM
     say(f"loading model {config.model} on {device} in {str(dtype).removeprefix('torch.')}"
         + (f", {config.quantization} quantized" if quant is not None else ""))
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if device == "cuda":
-        # accelerate spreads a checkpoint too large for one GPU (80B) over all visible GPUs.
-        kwargs["device_map"] = "auto"
+    if placement is not None:
+        kwargs["device_map"] = placement
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:

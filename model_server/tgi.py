@@ -232,6 +232,8 @@ class TgiExecutor:
         self.on_fatal: Callable[[str], None] | None = None
         """Never called: no thread here can hang, and an unreachable TGI fails requests (and shows in `fault`)
         rather than the process. Kept so front ends treat both executors alike."""
+        self.observers: list[Callable[[GenerationResult | Exception], None]] = []
+        """Told each request's outcome (metrics), as `Executor.observers`; called on the event loop."""
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> TgiExecutor:
@@ -288,10 +290,14 @@ class TgiExecutor:
 
     def _enqueue(self, kind: str, prompt: Prompt, categories: tuple[str, ...], timeout_s: float | None) -> _Job:
         loop = asyncio.get_running_loop()
+        refusal: Exception | None = None
         if self._closing:
-            raise ExecutorClosed("executor is closing")
-        if len(self._waiting) >= self.config.max_queue:
-            raise Busy(len(self._waiting), self.config.max_queue)
+            refusal = ExecutorClosed("executor is closing")
+        elif len(self._waiting) >= self.config.max_queue:
+            refusal = Busy(len(self._waiting), self.config.max_queue)
+        if refusal is not None:
+            self._observe(refusal)
+            raise refusal
         now = loop.time()
         job = _Job(id=next(self._ids), kind=kind, prompt=prompt, categories=categories,
                    future=loop.create_future(), deltas=asyncio.Queue(), submitted=now,
@@ -493,6 +499,7 @@ class TgiExecutor:
         self._record_latency(job)
         log.info("request %d done: %s, %d+%d tokens, %.2fs", job.id, reason.value, prompt_tokens,
                  completion_tokens, result.total_s)
+        self._observe(result)
         self._resolve(job, result)
 
     def _record_latency(self, job: _Job) -> None:
@@ -506,7 +513,15 @@ class TgiExecutor:
         if isinstance(exc, ServerUnavailable):
             self._unavailable_since = self._unavailable_since or time.monotonic()
         log.warning("request %d failed: %s", job.id, exc)
+        self._observe(exc)
         self._resolve(job, exc)
+
+    def _observe(self, outcome: GenerationResult | Exception) -> None:
+        for observer in self.observers:
+            try:
+                observer(outcome)
+            except Exception:  # metrics must never break generation
+                log.exception("executor observer failed")
 
     @staticmethod
     def _resolve(job: _Job, outcome: object) -> None:
