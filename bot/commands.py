@@ -35,7 +35,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import embed_image_urls, image_from_attachment, image_from_url
-from bot.conversation import EMPTY_ANSWER, INTERNAL_ERROR, ReplySink
+from bot.conversation import EMPTY_ANSWER, INTERNAL_ERROR, ReplySink, report_queue
 from bot.errors import UserInputError
 from bot.images import CheckedImage
 from bot.replies import NO_MENTIONS, InteractionReplySink, split_message
@@ -133,16 +133,6 @@ def _context(interaction: discord.Interaction) -> str:
     return f"interaction={interaction.id} channel={interaction.channel_id} user={interaction.user.id}"
 
 
-async def _report_queue(handle: RequestHandle, sink: ReplySink) -> None:
-    """Show "queued, N ahead" while the request waits, updated when N changes."""
-    last = -1
-    while not await handle.wait_started(1.0 if last >= 0 else 0.3):
-        ahead = handle.ahead()
-        if ahead != last:
-            await sink.queued(ahead)
-            last = ahead
-
-
 def _checked(result: GenerationResult) -> GenerationResult:
     if result.finish_reason is FinishReason.CANCELLED:
         raise ModelServerError("request cancelled", user_message=CANCELLED_MESSAGE)
@@ -213,7 +203,7 @@ class TaskCommands(commands.Cog):
         """Run one prompt, showing its place in the queue, streaming when asked; `lead` starts the answer."""
         handle = self._executor().submit(prompt)
         try:
-            await _report_queue(handle, sink)
+            await report_queue(handle, sink)
             if stream:
                 shown = lead
                 if lead:
@@ -236,7 +226,7 @@ class TaskCommands(commands.Cog):
         try:
             for prompt in prompts:
                 handles.append(executor.submit(prompt))
-            await _report_queue(handles[0], sink)
+            await report_queue(handles[0], sink)
             results = [_checked(r) for r in await asyncio.gather(*(h.result() for h in handles))]
         except BaseException:
             for handle in handles:

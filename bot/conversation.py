@@ -23,7 +23,7 @@ from PIL import Image
 
 from bot.images import CheckedImage
 from model_server.errors import ModelServerError
-from model_server.executor import Executor
+from model_server.executor import Executor, RequestHandle
 from model_server.prompt import PromptError, render_chat
 from model_server.types import ChatTurn, Decoding, FinishReason, GenerationParams, GenerationResult, Prompt
 from storage import ChannelSettings, ImageBlob, NewMessage, StorageError, Store, StoredMessage
@@ -202,7 +202,7 @@ class Conversation:
                 raise ModelServerError("no executor", user_message="no model is loaded")
             handle = self.executor.submit(prompt)
             try:
-                await self._report_queue(handle, sink)
+                await report_queue(handle, sink)
                 async for delta in handle:
                     await sink.delta(delta)
                 result = await handle.result()
@@ -242,19 +242,21 @@ class Conversation:
                  result.finish_reason.value, time.monotonic() - started)
         return reply
 
-    async def _report_queue(self, handle, sink: ReplySink) -> None:
-        last = -1
-        while not await handle.wait_started(1.0 if last >= 0 else 0.3):
-            ahead = handle.ahead()
-            if ahead != last:
-                await sink.queued(ahead)
-                last = ahead
-
     async def _mark(self, request: StoredMessage, state: str) -> None:
         try:
             await self.store.set_request_state(request.platform_id, state)  # type: ignore[arg-type]
         except StorageError:
             log.warning("could not mark request %s %s", request.platform_id, state)
+
+
+async def report_queue(handle: RequestHandle, sink: ReplySink) -> None:
+    """Show "queued, N ahead" while the request waits, updated when N changes."""
+    last = -1
+    while not await handle.wait_started(1.0 if last >= 0 else 0.3):
+        ahead = handle.ahead()
+        if ahead != last:
+            await sink.queued(ahead)
+            last = ahead
 
 
 def conversation_order(window: Sequence[StoredMessage], request: StoredMessage) -> list[StoredMessage]:

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from model_server.config import ModelConfig
 from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelStuck, RequestTimeout
@@ -36,7 +36,8 @@ from model_server.types import FinishReason, GenerationResult, Prompt, RankedCat
 
 log = logging.getLogger(__name__)
 
-_END = object()
+END_OF_STREAM = object()
+"""Put on a job's delta queue after its last delta."""
 
 ERROR_KINDS = ("oom", "error", "timeout", "watchdog")
 """Keys of `ExecutorStats.errors`."""
@@ -104,10 +105,23 @@ class _Job:
             self.loop.call_soon_threadsafe(callback, *args)
 
 
-class RequestHandle:
-    """A submitted request: iterate it for text deltas, await `result()` for the final answer."""
+class _HandleOwner(Protocol):
+    """What a `RequestHandle` asks of the executor it came from (in-process or TGI)."""
 
-    def __init__(self, executor: Executor, job: _Job) -> None:
+    def _ahead(self, job: Any) -> int: ...
+    def _cancel(self, job: Any) -> None: ...
+    def _wait_budget(self, job: Any) -> float: ...
+    def _timed_out(self, job: Any) -> Exception: ...
+
+
+class RequestHandle:
+    """A submitted request: iterate it for text deltas, await `result()` for the final answer.
+
+    The job behind it has `id`, `deltas` (an asyncio.Queue ending with `END_OF_STREAM`), `future` and
+    `started_event`; the executor that made it answers the questions of `_HandleOwner`.
+    """
+
+    def __init__(self, executor: _HandleOwner, job: Any) -> None:
         self._executor = executor
         self._job = job
 
@@ -133,22 +147,20 @@ class RequestHandle:
     async def __aiter__(self) -> AsyncIterator[str]:
         while True:
             item = await self._job.deltas.get()
-            if item is _END:
+            if item is END_OF_STREAM:
                 return
             yield item
 
     async def result(self) -> GenerationResult:
         try:
-            # The model thread enforces the deadline; the extra minute only guards against a stuck thread.
-            remaining = self._job.deadline - time.monotonic() + 60.0
-            return await asyncio.wait_for(asyncio.shield(self._job.future), timeout=max(remaining, 1.0))
+            budget = max(self._executor._wait_budget(self._job), 1.0)
+            return await asyncio.wait_for(asyncio.shield(self._job.future), timeout=budget)
         except asyncio.CancelledError:
             self.cancel()
             raise
         except TimeoutError as exc:
             self.cancel()
-            self._executor._count("timeout")
-            raise RequestTimeout("no result from the model thread") from exc
+            raise self._executor._timed_out(self._job) from exc
 
 
 class Executor:
@@ -262,6 +274,14 @@ class Executor:
             raise
         log.debug("request %d queued: kind=%s images=%d", job.id, kind, len(prompt.images))
         return job
+
+    def _wait_budget(self, job: _Job) -> float:
+        # The model thread enforces the deadline; the extra minute only guards against a stuck thread.
+        return job.deadline - time.monotonic() + 60.0
+
+    def _timed_out(self, job: _Job) -> Exception:
+        self._count("timeout")
+        return RequestTimeout("no result from the model thread")
 
     def _ahead(self, job: _Job) -> int:
         with self._cond:
@@ -513,4 +533,4 @@ class Executor:
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(outcome)
-        job.deltas.put_nowait(_END)
+        job.deltas.put_nowait(END_OF_STREAM)

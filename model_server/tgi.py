@@ -33,12 +33,12 @@ import math
 import statistics
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelServerError, RequestTimeout
-from model_server.executor import BatchRecord, ExecutorStats
+from model_server.executor import END_OF_STREAM, BatchRecord, ExecutorStats, RequestHandle
 from model_server.prompt import END_OF_UTTERANCE, estimate_tokens
 from model_server.streaming import TextAssembler
 from model_server.tgi_client import (
@@ -60,7 +60,6 @@ from model_server.types import FinishReason, GenerationResult, Prompt, RankedCat
 
 log = logging.getLogger(__name__)
 
-_END = object()
 
 ERROR_KINDS = ("timeout", "rejected", "unavailable", "broken", "error")
 """Keys of `ExecutorStats.errors` for TGI: past the deadline or stalled, refused with 422, not reachable or
@@ -156,53 +155,6 @@ class _Job:
     sent: str = ""
 
 
-class TgiRequestHandle:
-    """A submitted request: iterate it for text deltas, await `result()` for the final answer."""
-
-    def __init__(self, executor: TgiExecutor, job: _Job) -> None:
-        self._executor = executor
-        self._job = job
-
-    @property
-    def id(self) -> int:
-        return self._job.id
-
-    def ahead(self) -> int:
-        """Requests that will start before this one (0 once it runs)."""
-        return self._executor._ahead(self._job)
-
-    def cancel(self) -> None:
-        self._executor._cancel(self._job)
-
-    async def wait_started(self, timeout_s: float) -> bool:
-        """True once the request runs (or ended); False if it is still queued after `timeout_s`."""
-        try:
-            await asyncio.wait_for(self._job.started_event.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        while True:
-            item = await self._job.deltas.get()
-            if item is _END:
-                return
-            yield item
-
-    async def result(self) -> GenerationResult:
-        job = self._job
-        try:
-            # A running request enforces its own deadline; this also ends one still queued past it.
-            remaining = job.deadline - asyncio.get_running_loop().time() + 5.0
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(remaining, 1.0))
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        except TimeoutError as exc:
-            self.cancel()
-            raise RequestTimeout(f"request {job.id} passed its deadline while queued") from exc
-
-
 class TgiExecutor:
     """Generation on a TGI server. Use as `async with TgiExecutor(config) as ex:`; `ex.server` is `/info`."""
 
@@ -273,11 +225,11 @@ class TgiExecutor:
         await self.client.close()
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> TgiRequestHandle:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
         if prompt.params.decoding == "beam" and prompt.params.num_beams > 1 and not self._warned_beam:
             self._warned_beam = True
             log.info("beam search is not available on text-generation-inference: beam requests run greedy")
-        return TgiRequestHandle(self, self._enqueue("generate", prompt, (), timeout_s))
+        return RequestHandle(self, self._enqueue("generate", prompt, (), timeout_s))
 
     async def generate(self, prompt: Prompt, *, timeout_s: float | None = None) -> GenerationResult:
         return await self.submit(prompt, timeout_s=timeout_s).result()
@@ -286,7 +238,7 @@ class TgiExecutor:
                    timeout_s: float | None = None) -> list[RankedCategory]:
         """Every category scored by its likelihood after `prompt`, most likely first."""
         job = self._enqueue("rank", prompt, tuple(categories), timeout_s)
-        return await TgiRequestHandle(self, job).result()  # type: ignore[return-value]
+        return await RequestHandle(self, job).result()  # type: ignore[return-value]
 
     def _enqueue(self, kind: str, prompt: Prompt, categories: tuple[str, ...], timeout_s: float | None) -> _Job:
         loop = asyncio.get_running_loop()
@@ -319,6 +271,13 @@ class TgiExecutor:
             job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"tgi-request-{job.id}")
         if not self._waiting and not self._running:
             self._idle.set()
+
+    def _wait_budget(self, job: _Job) -> float:
+        # A running request enforces its own deadline; this also ends one still queued past it.
+        return job.deadline - asyncio.get_running_loop().time() + 5.0
+
+    def _timed_out(self, job: _Job) -> Exception:
+        return RequestTimeout(f"request {job.id} passed its deadline while queued")
 
     def _ahead(self, job: _Job) -> int:
         try:
@@ -531,7 +490,7 @@ class TgiExecutor:
                 job.future.set_exception(outcome)
             else:
                 job.future.set_result(outcome)
-        job.deltas.put_nowait(_END)
+        job.deltas.put_nowait(END_OF_STREAM)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from model_server.prompt import prompt_text
 from model_server.types import GenerationResult
 from storage import StoredMessage, open_database
 from tests.conftest import noise_image
+from tests.faults import stuck_forward
 
 
 class RecordingSink:
@@ -136,21 +137,11 @@ async def test_unexpected_failure_is_a_short_message(database):
 
 
 async def test_queue_position_is_reported(database, engine, model_config, loaded_model):
-    import threading
+    from model_server.config import ModelConfig
 
-    gate = threading.Event()
-    original = engine.forward
-
-    def gated(**kwargs):
-        gate.wait(10)
-        return original(**kwargs)
-
-    engine.forward = gated
     info = ModelInfo(name="tiny", instruct=True)
-    try:
-        from model_server.config import ModelConfig
-
-        config = ModelConfig(model=model_config.model, max_batch_size=1)
+    config = ModelConfig(model=model_config.model, max_batch_size=1)
+    with stuck_forward(engine) as gate:
         async with Executor(engine, config, batch_window_s=0) as ex:
             conv = Conversation(database.store, ex, info, ChatDefaults(max_new_tokens=4))
             sinks = [RecordingSink(f"r{c}") for c in "ABC"]
@@ -159,8 +150,6 @@ async def test_queue_position_is_reported(database, engine, model_config, loaded
             await asyncio.sleep(1.0)
             gate.set()
             await asyncio.gather(*tasks)
-    finally:
-        engine.forward = original
     # Which channel reaches the queue first depends on the database: one runs, the others wait 0 and 1 ahead.
     firsts = sorted(s.queued_updates[0] for s in sinks if s.queued_updates)
     assert firsts == [0, 1]

@@ -16,9 +16,8 @@ import logging
 import os
 import signal
 import socket
-import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from model_server.types import GenerationParams, Prompt
 from tests.conftest import noise_image
 from tests.discord_bot.conftest import RunningBot, answer_to, eventually
 from tests.fake_discord import FakeDiscord
+from tests.faults import stuck_forward
 from tests.reliability.bot_process import bot_env, bot_process, final_answer
 from tests.tgi.fake_tgi import FakeTgi
 
@@ -90,24 +90,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def stuck_forward(engine: Any) -> Iterator[threading.Event]:
-    """Every model call blocks until the returned event is set (at the latest when the test ends)."""
-    gate = threading.Event()
-    original = engine.forward
-
-    def blocked(**kwargs: Any) -> Any:
-        gate.wait(30)
-        return original(**kwargs)
-
-    engine.forward = blocked
-    try:
-        yield gate
-    finally:
-        gate.set()
-        engine.forward = original
 
 
 PROMPT = Prompt(items=("User:", noise_image(3), "What is this?<end_of_utterance>\nAssistant:"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from model_server.executor import Executor
 from model_server.prompt import render_chat
 from model_server.types import ChatTurn, FinishReason, GenerationParams, Prompt
 from tests.conftest import noise_image
+from tests.faults import stuck_forward
 
 
 def chat(text: str, n_images: int, image_seed: int = 0, max_new_tokens: int = 16, **params) -> Prompt:
@@ -78,15 +78,7 @@ async def test_cancelled_row_frees_its_slot(executor: Executor):
 
 
 async def test_cancel_while_waiting(engine, model_config):
-    gate = threading.Event()
-    original = engine.forward
-
-    def gated(**kwargs):
-        gate.wait(10)
-        return original(**kwargs)
-
-    engine.forward = gated
-    try:
+    with stuck_forward(engine) as gate:
         async with Executor(engine, model_config, batch_window_s=0) as ex:
             first = ex.submit(PROMPTS[0])
             await asyncio.sleep(0.1)
@@ -96,21 +88,11 @@ async def test_cancel_while_waiting(engine, model_config):
             assert (await queued.result()).finish_reason is FinishReason.CANCELLED
             gate.set()
             assert (await first.result()).completion_tokens > 0
-    finally:
-        engine.forward = original
 
 
 async def test_busy_past_the_queue_bound(engine, model_config):
-    gate = threading.Event()
-    original = engine.forward
-
-    def gated(**kwargs):
-        gate.wait(10)
-        return original(**kwargs)
-
-    engine.forward = gated
     config = ModelConfig(model=model_config.model, max_batch_size=1, max_queue=2)
-    try:
+    with stuck_forward(engine) as gate:
         async with Executor(engine, config, batch_window_s=0) as ex:
             running = ex.submit(PROMPTS[0])
             await asyncio.sleep(0.1)
@@ -123,8 +105,6 @@ async def test_busy_past_the_queue_bound(engine, model_config):
             gate.set()
             for handle in [running, *waiting]:
                 assert (await handle.result()).completion_tokens > 0
-    finally:
-        engine.forward = original
 
 
 async def test_out_of_memory_splits_the_batch(engine, model_config):
@@ -192,16 +172,8 @@ async def test_timeout(executor: Executor):
 
 
 async def test_expired_in_queue(engine, model_config):
-    gate = threading.Event()
-    original = engine.forward
-
-    def gated(**kwargs):
-        gate.wait(10)
-        return original(**kwargs)
-
-    engine.forward = gated
     config = ModelConfig(model=model_config.model, max_batch_size=1)
-    try:
+    with stuck_forward(engine) as gate:
         async with Executor(engine, config, batch_window_s=0) as ex:
             first = ex.submit(PROMPTS[0])
             await asyncio.sleep(0.05)
@@ -211,8 +183,6 @@ async def test_expired_in_queue(engine, model_config):
             await first.result()
             with pytest.raises(RequestTimeout):
                 await late.result()
-    finally:
-        engine.forward = original
 
 
 async def test_sampling_with_a_seed_is_repeatable(executor: Executor):

@@ -7,11 +7,8 @@ injected as in test_executor.py, by replacing one replica's `engine.forward`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +28,7 @@ from model_server.replicas import (
     route,
 )
 from model_server.types import FinishReason
+from tests.faults import stuck_forward as stuck
 from tests.model_server.test_executor import PROMPTS
 
 
@@ -57,24 +55,6 @@ def make_pool(replica_models, config: ModelConfig, window: float = 0.02) -> Repl
 async def pool(replica_models, pool_config) -> ReplicaPool:
     async with make_pool(replica_models, pool_config) as opened:
         yield opened
-
-
-@contextlib.contextmanager
-def stuck(engine: Any) -> Iterator[threading.Event]:
-    """Every model call of `engine` blocks until the returned event is set (at the latest when the block ends)."""
-    gate = threading.Event()
-    original = engine.forward
-
-    def blocked(**kwargs: Any) -> Any:
-        gate.wait(30)
-        return original(**kwargs)
-
-    engine.forward = blocked
-    try:
-        yield gate
-    finally:
-        gate.set()
-        engine.forward = original
 
 
 async def eventually(check, within: float = 10.0) -> None:

@@ -7,11 +7,9 @@ Faults are injected the way tests/model_server/test_executor.py does it: by repl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,25 +21,8 @@ from model_server.executor import Executor
 from model_server.types import FinishReason
 from tests.discord_bot.conftest import answer_to, eventually, open_test_services, run_bot
 from tests.discord_bot.test_commands import answered, slash
+from tests.faults import stuck_forward
 from tests.model_server.test_executor import PROMPTS, chat
-
-
-@contextlib.contextmanager
-def stuck_forward(engine: Any) -> Iterator[threading.Event]:
-    """Every model call blocks until the returned event is set (at the latest when the test ends)."""
-    gate = threading.Event()
-    original = engine.forward
-
-    def blocked(**kwargs: Any) -> Any:
-        gate.wait(30)
-        return original(**kwargs)
-
-    engine.forward = blocked
-    try:
-        yield gate
-    finally:
-        gate.set()
-        engine.forward = original
 
 
 def small_watchdog(model_config: ModelConfig, watchdog_s: float, **changes: Any) -> ModelConfig:
