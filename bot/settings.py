@@ -1,7 +1,7 @@
 """The one settings object: read once from the environment (and `.env`), then passed down.
 
 Every name here is documented in the README's configuration table. Each package receives only the
-part it needs, as its own small config dataclass (see `model_config()`, `image_limits()`).
+part it needs, as its own small config dataclass (see `model_config_for()`, `image_limits()`, `chat_defaults()`).
 """
 
 from __future__ import annotations
