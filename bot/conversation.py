@@ -114,10 +114,15 @@ class Conversation:
         self.assistant_id = assistant_id
         self.assistant_name = assistant_name
         self._locks: dict[str, _ChannelTurn] = {}
+        self._owed: dict[str, str] = {}
+        """Request states that could not be written (database away): written with the next success, so an
+        answered request is never left "pending" for a restart to answer again."""
 
     # -- storing --------------------------------------------------------------------------------
     async def record(self, msg: IncomingMessage, *, request: bool) -> StoredMessage | None:
         """Store a user's message (None: this platform id was stored before, a duplicate event)."""
+        if self._owed:
+            await self.settle_owed_states()
         stored = await self.store.append_message(NewMessage(
             platform_id=msg.platform_id, channel_key=msg.channel_key, role="user", author_id=msg.author_id,
             author_name=msg.author_name, text=msg.text, reply_to=msg.reply_to,
@@ -243,10 +248,19 @@ class Conversation:
         return reply
 
     async def _mark(self, request: StoredMessage, state: str) -> None:
-        try:
-            await self.store.set_request_state(request.platform_id, state)  # type: ignore[arg-type]
-        except StorageError:
-            log.warning("could not mark request %s %s", request.platform_id, state)
+        self._owed[request.platform_id] = state
+        await self.settle_owed_states()
+
+    async def settle_owed_states(self) -> None:
+        """Write the request states still owed, oldest first; stop at the first failure."""
+        for platform_id, state in list(self._owed.items()):
+            try:
+                await self.store.set_request_state(platform_id, state)  # type: ignore[arg-type]
+            except StorageError:
+                log.warning("could not mark request %s %s (%d owed)", platform_id, state, len(self._owed))
+                return
+            if self._owed.get(platform_id) == state:
+                del self._owed[platform_id]
 
 
 async def report_queue(handle: RequestHandle, sink: ReplySink) -> None:

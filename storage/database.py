@@ -36,6 +36,9 @@ MIGRATION_LOCK_KEY = 0x1DEF1C5
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 """How long an SQLite connection waits for another writer's lock before "database is locked"."""
 
+CONNECT_TIMEOUT_S = 5.0
+"""How long opening one connection to a database server may take (asyncpg), before it counts as unreachable."""
+
 # Run after `PRAGMA busy_timeout`, so that switching the journal mode waits for a lock instead of failing.
 # WAL lets readers (window loads) run while a writer appends; NORMAL is durable enough in WAL mode (a
 # power cut may lose the last commits, never corrupt) and saves one fsync per commit.
@@ -113,9 +116,18 @@ def _create_engine(url: URL, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> 
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite:
         _make_parent_folder(url)
+    # A server (PostgreSQL) can restart under us and end every pooled connection: `pool_pre_ping` checks a
+    # pooled connection at checkout (one short round trip, lost in the noise next to a store call) and
+    # replaces it, and every older one, when the server has gone. A SQLite file has no server to lose;
+    # pinging it would only cost a trip to aiosqlite's thread per call.
+    connect_args: dict[str, Any] = {}
+    if url.get_driver_name() == "asyncpg":
+        # asyncpg waits 60 s for a connection by default; a server that does not answer (a host that is
+        # down) must fail a call within seconds, like a refused one (`storage.retry`).
+        connect_args["timeout"] = CONNECT_TIMEOUT_S
     try:
         # The driver (aiosqlite, asyncpg) is imported here, on demand: a SQLite install needs no asyncpg.
-        engine = create_async_engine(url, pool_pre_ping=not is_sqlite)
+        engine = create_async_engine(url, pool_pre_ping=not is_sqlite, connect_args=connect_args)
     except ImportError as exc:
         raise DatabaseUnavailable(
             f"database driver for {url.drivername} is not installed: {exc}",

@@ -1,7 +1,8 @@
 """Every error `storage/` raises on purpose, under one root.
 
     StorageError            root; `user_message` is safe to show, `str(error)` is log detail
-    ├── DatabaseUnavailable  the database could not be opened or migrated (bad URL, missing driver, I/O)
+    ├── DatabaseUnavailable  the database could not be opened or migrated (bad URL, missing driver, I/O), or
+    │                        its server could not be reached during a call (stopped, restarting: `storage.retry`)
     ├── DatabaseBusy         a write found the database locked, still after a few retries (`storage.retry`)
     ├── ImageTooLarge        an image blob is over the store's byte bound
     ├── InvalidMessage       a `NewMessage` with a value the schema cannot hold (role, state, naive time)
@@ -22,6 +23,10 @@ class StorageError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.user_message = user_message or self.default_user_message
+
+
+UNREACHABLE_MESSAGE = "The conversation database is unreachable right now; please try again in a minute."
+"""The user message of a `DatabaseUnavailable` raised when the server was lost mid-run (it usually comes back)."""
 
 
 class DatabaseUnavailable(StorageError):

@@ -3,7 +3,9 @@
 `open_database()` builds the one `Store` of a database (`db.store`). Each method opens its own session and
 transaction and returns plain records (`storage.records`), never ORM objects: nothing a caller holds can
 start I/O later or keep a session alive. Every write is one transaction, run again when it finds the
-database locked (`storage.retry`).
+database locked (`storage.retry`). A connection lost mid-call (a PostgreSQL restart) is retried briefly
+where that is safe, then raised as `DatabaseUnavailable` (`storage.retry`); every public method raises
+only `StorageError` for it, never the driver's error.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -31,7 +34,7 @@ from storage.records import (
     StoredImage,
     StoredMessage,
 )
-from storage.retry import retry_when_locked
+from storage.retry import CommitInDoubt, commit, retry_when_disconnected, retry_when_locked
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class Store:
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         lock_retries: int = 3,
         lock_backoff_s: float = 0.25,
+        reconnect_retries: int = 3,
+        reconnect_backoff_s: float = 0.25,
     ) -> None:
         self._sessions = sessions
         self._dialect = dialect_name
@@ -61,20 +66,31 @@ class Store:
         """Attempts after the first when a write finds the database locked; then `DatabaseBusy`."""
         self.lock_backoff_s = lock_backoff_s
         """Pause before the first retry, doubled before each next one."""
+        self.reconnect_retries = reconnect_retries
+        """Attempts after the first when a write lost its connection (reads: one at most); then
+        `DatabaseUnavailable`. With the defaults a write gives up after about 1.75 s of pauses."""
+        self.reconnect_backoff_s = reconnect_backoff_s
+        """Pause before the first reconnect retry, doubled before each next one."""
 
     # ------------------------------------------------------------------ messages: write
 
-    @retry_when_locked
     async def append_message(self, msg: NewMessage) -> StoredMessage | None:
         """Store `msg` with its images, or return None (storing nothing) if its platform id is known.
 
         Channel row, message, images and links go in one transaction. The duplicate check is the
         database's own unique constraint (`ON CONFLICT DO NOTHING`), so two concurrent appends of the
-        same event store exactly one message.
+        same event store exactly one message; for the same reason running it again after a lost
+        connection can never store it twice.
         """
         self._check(msg)
-        created_at = msg.created_at or datetime.now(UTC)
+        created_at = msg.created_at or datetime.now(UTC)  # once: every attempt stores the same row
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
+        return await self._append(msg, created_at, hashes, _AppendAttempts())
+
+    @retry_when_disconnected("idempotent")
+    @retry_when_locked
+    async def _append(self, msg: NewMessage, created_at: datetime, hashes: list[str],
+                      attempts: _AppendAttempts) -> StoredMessage | None:
         async with self._sessions() as session:
             channel_id = await self._ensure_channel(session, msg.channel_key)
             inserted = await session.execute(
@@ -96,6 +112,13 @@ class Store:
             message_id = inserted.scalar_one_or_none()
             if message_id is None:
                 await session.rollback()  # also drops a channel row created just now
+                if attempts.commit_lost:
+                    # An earlier attempt sent its COMMIT and lost the connection before the reply: the row
+                    # found is that attempt's, so this call did store the message and must say so (None
+                    # would read "a duplicate, already handled", and the request would go unanswered).
+                    log.info("message platform_id=%s was stored by an attempt whose commit reply was lost",
+                             msg.platform_id)
+                    return await self._read_message(session, msg.platform_id)
                 log.debug("duplicate message platform_id=%s ignored", msg.platform_id)
                 return None
             if msg.images:
@@ -108,7 +131,11 @@ class Store:
                         ]
                     )
                 )
-            await session.commit()
+            try:
+                await commit(session)
+            except CommitInDoubt:
+                attempts.commit_lost = True
+                raise
         log.debug(
             "stored message id=%d platform_id=%s channel=%s role=%s text_len=%d images=%d image_bytes=%d",
             message_id,
@@ -136,6 +163,7 @@ class Store:
             ),
         )
 
+    @retry_when_disconnected("idempotent")  # sets a fixed text: running it twice changes nothing
     @retry_when_locked
     async def edit_message(self, platform_id: str, text: str) -> bool:
         """Replace a message's text (the platform's edit event). False if it is not stored."""
@@ -146,11 +174,12 @@ class Store:
                 .values(text=text)
                 .execution_options(synchronize_session=False)
             )
-            await session.commit()
+            await commit(session)
         changed = _rowcount(result) > 0
         log.debug("edit platform_id=%s text_len=%d found=%s", platform_id, len(text), changed)
         return changed
 
+    @retry_when_disconnected("idempotent")  # sets a fixed state
     @retry_when_locked
     async def set_request_state(self, platform_id: str, state: RequestState | None) -> bool:
         """Mark a request "pending", "answered" or "failed" (None: not a request). False if not stored."""
@@ -163,9 +192,11 @@ class Store:
                 .values(request_state=state)
                 .execution_options(synchronize_session=False)
             )
-            await session.commit()
+            await commit(session)
         return _rowcount(result) > 0
 
+    @retry_when_disconnected("write")  # compare-and-set: a second run after a lost commit would answer False
+    @retry_when_locked  # "database is locked" means nothing was written: safe to run again
     async def claim_request(
         self, platform_id: str, state: RequestState, *, expected: RequestState = "pending"
     ) -> bool:
@@ -183,9 +214,10 @@ class Store:
                 .values(request_state=state)
                 .execution_options(synchronize_session=False)
             )
-            await session.commit()
+            await commit(session)
         return _rowcount(result) == 1
 
+    @retry_when_disconnected("write")  # returns a count that a second run would not repeat
     @retry_when_locked
     async def fail_pending_before(self, before: datetime) -> int:
         """Mark "failed" every request still "pending" that was made before `before`; return how many.
@@ -199,7 +231,7 @@ class Store:
                 .values(request_state="failed")
                 .execution_options(synchronize_session=False)
             )
-            await session.commit()
+            await commit(session)
         count = _rowcount(result)
         log.info("closed %d pending requests made before %s", count, before.isoformat())
         return count
@@ -214,6 +246,7 @@ class Store:
         """Delete these messages (a bulk-delete event); unknown ids are ignored. Returns how many went."""
         return await self._delete_messages(list(dict.fromkeys(platform_ids)))
 
+    @retry_when_disconnected("write")  # returns a count that a second run would not repeat
     @retry_when_locked
     async def _delete_messages(self, wanted: list[str]) -> int:
         async with self._sessions() as session:
@@ -223,10 +256,11 @@ class Store:
                     (await session.scalars(select(Message.id).where(Message.platform_id.in_(part)))).all()
                 )
             count = await self._delete_by_ids(session, ids)
-            await session.commit()
+            await commit(session)
         log.debug("deleted %d of %d messages", count, len(wanted))
         return count
 
+    @retry_when_disconnected("write")
     @retry_when_locked
     async def clear_channel(self, channel_key: str) -> int:
         """Delete a channel's whole history; its settings stay. Returns how many messages went."""
@@ -249,11 +283,12 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             removed_images = await self._delete_orphan_images(session, candidates)
-            await session.commit()
+            await commit(session)
         count = _rowcount(result)
         log.info("cleared channel=%s messages=%d orphan_images=%d", channel_key, count, removed_images)
         return count
 
+    @retry_when_disconnected("write")
     @retry_when_locked
     async def forget_user(self, author_id: str) -> int:
         """Delete everything a user wrote, in every channel, and the bot's answers to it.
@@ -274,12 +309,13 @@ class Store:
                 )
             ).all()
             count = await self._delete_by_ids(session, ids)
-            await session.commit()
+            await commit(session)
         log.info("forgot author_id=%s messages=%d", author_id, count)
         return count
 
     # ------------------------------------------------------------------ messages: read
 
+    @retry_when_disconnected("read")
     async def recent_window(
         self, channel_key: str, limit: int, *, before_id: int | None = None
     ) -> list[StoredMessage]:
@@ -295,18 +331,10 @@ class Store:
             rows = (await session.scalars(with_images(window_statement(channel_key, limit, before_id)))).all()
         return [_stored(row, channel_key) for row in reversed(rows)]
 
+    @retry_when_disconnected("read")
     async def get_message(self, platform_id: str) -> StoredMessage | None:
         async with self._sessions() as session:
-            row = (
-                await session.execute(
-                    with_images(
-                        select(Message, Channel.key)
-                        .join(Channel, Channel.id == Message.channel_id)
-                        .where(Message.platform_id == platform_id)
-                    )
-                )
-            ).one_or_none()
-        return None if row is None else _stored(row[0], row[1])
+            return await self._read_message(session, platform_id)
 
     async def pending_requests(
         self, since: datetime, *, before: datetime | None = None
@@ -324,6 +352,7 @@ class Store:
         """Requests still "pending" made before `before`, oldest first (too old to answer now)."""
         return await self._pending([Message.request_state == "pending", Message.created_at < before])
 
+    @retry_when_disconnected("read")
     async def count_messages(self, channel_key: str) -> int:
         channel_id = select(Channel.id).where(Channel.key == channel_key).scalar_subquery()
         async with self._sessions() as session:
@@ -334,12 +363,14 @@ class Store:
 
     # ------------------------------------------------------------------ channel settings
 
+    @retry_when_disconnected("read")
     async def channel_settings(self, channel_key: str) -> ChannelSettings:
         """The channel's own settings; all None (defaults) for a channel never seen."""
         async with self._sessions() as session:
             channel = await session.scalar(select(Channel).where(Channel.key == channel_key))
         return ChannelSettings() if channel is None else _settings(channel)
 
+    @retry_when_disconnected("idempotent")  # sets fixed values and reads them back
     @retry_when_locked
     async def update_channel_settings(self, channel_key: str, **changes: Any) -> ChannelSettings:
         """Set some settings (None resets one to the default) and return them all.
@@ -357,7 +388,7 @@ class Store:
                     .execution_options(synchronize_session=False)
                 )
             channel = await session.scalar(select(Channel).where(Channel.id == channel_id))
-            await session.commit()
+            await commit(session)
         assert channel is not None
         log.info("channel=%s settings changed: %s", channel_key, sorted(values))
         return _settings(channel)
@@ -478,6 +509,19 @@ class Store:
             log.debug("removed %d orphan images", removed)
         return removed
 
+    @retry_when_disconnected("read")
+    async def _read_message(self, session: AsyncSession, platform_id: str) -> StoredMessage | None:
+        row = (
+            await session.execute(
+                with_images(
+                    select(Message, Channel.key)
+                    .join(Channel, Channel.id == Message.channel_id)
+                    .where(Message.platform_id == platform_id)
+                )
+            )
+        ).one_or_none()
+        return None if row is None else _stored(row[0], row[1])
+
     async def _pending(self, conditions: list[Any]) -> list[StoredMessage]:
         async with self._sessions() as session:
             rows = (
@@ -491,6 +535,14 @@ class Store:
                 )
             ).all()
         return [_stored(message, key) for message, key in rows]
+
+
+@dataclass
+class _AppendAttempts:
+    """What the attempts of one `append_message` call share."""
+
+    commit_lost: bool = False
+    """An attempt lost its connection during the COMMIT: the message may be stored already."""
 
 
 def _rowcount(result: Any) -> int:

@@ -167,3 +167,25 @@ def test_conversation_order_puts_answers_after_their_questions():
     window = [q1, q2, a1, q3, a2]
     assert [m.platform_id for m in conversation_order(window, q2)] == ["q1", "a1", "q2"]
     assert [m.platform_id for m in conversation_order(window, q3)] == ["q1", "a1", "q2", "a2", "q3"]
+
+
+async def test_a_state_that_could_not_be_written_is_written_later(conversation: Conversation, database,
+                                                                   monkeypatch):
+    """The database is away just when an answer is delivered: the request is not left "pending"."""
+    from storage import DatabaseUnavailable
+
+    store = database.store
+    real = store.set_request_state
+    failures = {"left": 1}
+
+    async def flaky(platform_id, state):
+        if state == "answered" and failures["left"]:
+            failures["left"] -= 1
+            raise DatabaseUnavailable("server restarting")
+        return await real(platform_id, state)
+
+    monkeypatch.setattr(store, "set_request_state", flaky)
+    await conversation.handle(message("m1", "first"), RecordingSink("r1"))
+    assert (await store.get_message("m1")).request_state == "pending"
+    await conversation.record(message("m2", "next"), request=False)
+    assert (await store.get_message("m1")).request_state == "answered"

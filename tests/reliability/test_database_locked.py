@@ -1,8 +1,7 @@
 """Database trouble: SQLite "database is locked" is retried, and past the retries the user is told briefly.
 
 The lock is real: a plain `sqlite3` connection holds `BEGIN EXCLUSIVE` on the same file for longer than the
-store's busy timeout (lowered for the test). PostgreSQL restarts are not covered until the PostgreSQL issue
-lands.
+store's busy timeout (lowered for the test). PostgreSQL restarts: tests/reliability/test_postgres_restart.py.
 """
 
 from __future__ import annotations
