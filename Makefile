@@ -2,14 +2,17 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The PyTorch build to install. Default: the CPU wheel (tests, CI). On a GPU box, e.g.
+#   make run TORCH="torch --index-url https://download.pytorch.org/whl/cu126"
+TORCH ?= torch==2.13.0
 
 .PHONY: test run lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel first: a bare `torch` requirement would otherwise pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# PyTorch first: a bare `torch` requirement would otherwise pull whatever build PyPI serves.
+	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
