@@ -22,7 +22,7 @@ from typing import Protocol
 from PIL import Image
 
 from bot.images import CheckedImage
-from model_server.errors import ModelServerError
+from model_server.errors import Busy, ModelServerError
 from model_server.executor import Executor, RequestHandle
 from model_server.prompt import PromptError, render_chat
 from model_server.types import ChatTurn, Decoding, FinishReason, GenerationParams, GenerationResult, Prompt
@@ -46,6 +46,10 @@ class ChatDefaults:
     """Most recent images kept as images in a prompt; older ones become a text marker."""
     history_messages: int = 40
     """Messages loaded from the channel's history before the token budget trims it."""
+    channel_backlog: int = 8
+    """Most requests of one channel running or waiting their turn; past it the user is told the model is busy,
+    so a flooded channel cannot build an unbounded line (the executor's queue only bounds requests whose
+    turn has come)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,11 @@ class Conversation:
         """Answer a stored request in its channel's turn; failures reach the user through `sink`."""
         key = request.channel_key
         turn = self._locks.setdefault(key, _ChannelTurn())
+        if turn.users >= self.defaults.channel_backlog:
+            log.info("request %s refused: channel %s has %d requests in line", request.platform_id, key, turn.users)
+            await self._mark(request, "failed")
+            await sink.failed(Busy(turn.users, self.defaults.channel_backlog).user_message)
+            return None
         # Counted, not `lock.locked()`: between a release and the next waiter waking the lock reads as free,
         # and dropping it then would let a later request of the channel take a new lock and overtake.
         turn.users += 1

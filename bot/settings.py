@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=256, ge=1, le=1024)
     max_images_per_prompt: int = Field(default=4, ge=0, le=16)
     history_messages: int = Field(default=40, ge=1, le=500)
+    channel_backlog: int = Field(default=8, ge=1)
+    """Most requests of one channel running or waiting their turn; past it users are told the model is busy."""
     batch_window_ms: float = Field(default=5.0, ge=0, le=1000)
     system_prompt: str | None = None
     temperature: float = Field(default=0.7, gt=0, le=2.0)
@@ -190,6 +192,7 @@ class Settings(BaseSettings):
             decoding=self.decoding,
             max_images=self.max_images_per_prompt,
             history_messages=self.history_messages,
+            channel_backlog=self.channel_backlog,
         )
 
     def image_limits(self) -> ImageLimits:

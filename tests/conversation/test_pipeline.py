@@ -189,3 +189,21 @@ async def test_a_state_that_could_not_be_written_is_written_later(conversation: 
     assert (await store.get_message("m1")).request_state == "pending"
     await conversation.record(message("m2", "next"), request=False)
     assert (await store.get_message("m1")).request_state == "answered"
+
+
+async def test_a_flooded_channel_has_a_bounded_line(database, engine, model_config, loaded_model):
+    """Past `channel_backlog` requests running or waiting in one channel, the next is told the model is busy."""
+    info = ModelInfo(name="tiny", instruct=True)
+    with stuck_forward(engine) as gate:
+        async with Executor(engine, model_config, batch_window_s=0) as ex:
+            conv = Conversation(database.store, ex, info, ChatDefaults(max_new_tokens=4, channel_backlog=2))
+            sinks = [RecordingSink(f"r{i}") for i in range(4)]
+            stored = [await conv.record(message(f"m{i}", f"q{i}"), request=True) for i in range(4)]
+            tasks = [asyncio.create_task(conv.respond(m, s)) for m, s in zip(stored, sinks, strict=True)]
+            await asyncio.sleep(0.3)
+            gate.set()
+            await asyncio.gather(*tasks)
+    assert [s.final is not None for s in sinks] == [True, True, False, False]
+    assert all("busy" in s.failures[0] for s in sinks[2:])
+    states = [(await database.store.get_message(f"m{i}")).request_state for i in range(4)]
+    assert states == ["answered", "answered", "failed", "failed"]
