@@ -124,9 +124,11 @@ def judge(fake: FakeDiscord, asked: Sequence[MessageRecord], *, other_texts: Seq
     by_channel: dict[int, list[MessageRecord]] = {}
     for message in asked:
         by_channel.setdefault(message.channel_id, []).append(message)
+    answered = set(outcome.answered)
     for channel_id, messages in by_channel.items():
-        # Snowflakes grow with creation: sorting the replies by id gives the order they were posted in.
-        posted = sorted((r for m in messages for r in replies[m.id]), key=lambda r: r.id)
+        # Snowflakes grow with creation: sorting the replies by id gives the order they were posted in. Only
+        # answers count: a refusal is sent at once, ahead of the answers still in the channel's line.
+        posted = sorted((r for m in messages if m.id in answered for r in replies[m.id]), key=lambda r: r.id)
         order = [int(r.message_reference["message_id"]) for r in posted]
         if order != sorted(order):
             outcome.out_of_order.append(channel_id)
