@@ -469,7 +469,7 @@ class Executor:
         if not self._settle(job):
             return
         self._record_latency(job)
-        job.post(self._resolve, job, ranked)
+        job.post(resolve_job, job, ranked)
 
     # -- handing results back to the event loop --------------------------------------------------
     def _settle(self, job: _Job) -> bool:
@@ -504,7 +504,7 @@ class Executor:
         log.info("request %d done: %s, %d+%d tokens, batch %d, %.2fs", job.id, reason.value, prompt_tokens,
                  completion_tokens, job.batch_size, result.total_s)
         self._observe(result)  # before the result is handed back: whoever awaits it sees it counted
-        job.post(self._resolve, job, result)
+        job.post(resolve_job, job, result)
 
     def _record_latency(self, job: _Job) -> None:
         self._completed += 1
@@ -516,21 +516,29 @@ class Executor:
         self._failed += 1
         log.warning("request %d failed: %s", job.id, exc)
         self._observe(exc)
-        job.post(self._resolve, job, exc)
+        job.post(resolve_job, job, exc)
 
     def _observe(self, outcome: GenerationResult | Exception) -> None:
-        for observer in self.observers:
-            try:
-                observer(outcome)
-            except Exception:  # metrics must never break generation
-                log.exception("executor observer failed")
+        notify_observers(self.observers, outcome)
 
-    @staticmethod
-    def _resolve(job: _Job, outcome: object) -> None:
-        job.started_event.set()
-        if not job.future.done():
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
-        job.deltas.put_nowait(END_OF_STREAM)
+
+
+def notify_observers(observers: Sequence[Callable[[GenerationResult | Exception], None]],
+                     outcome: GenerationResult | Exception) -> None:
+    """Hand one request's outcome to each observer (metrics); an observer's failure never breaks generation."""
+    for observer in observers:
+        try:
+            observer(outcome)
+        except Exception:
+            log.exception("executor observer failed")
+
+
+def resolve_job(job: Any, outcome: object) -> None:
+    """On the job's event loop: settle its future with `outcome` and end its delta stream."""
+    job.started_event.set()
+    if not job.future.done():
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+    job.deltas.put_nowait(END_OF_STREAM)

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelServerError, RequestTimeout
-from model_server.executor import END_OF_STREAM, BatchRecord, ExecutorStats, RequestHandle
+from model_server.executor import (
+    BatchRecord,
+    ExecutorStats,
+    RequestHandle,
+    notify_observers,
+    resolve_job,
+)
 from model_server.prompt import END_OF_UTTERANCE, estimate_tokens
 from model_server.streaming import TextAssembler
 from model_server.tgi_client import (
@@ -320,7 +326,7 @@ class TgiExecutor:
                 if job.kind == "rank":
                     ranked = await self._rank(job)
                     self._record_latency(job)
-                    self._resolve(job, ranked)
+                    resolve_job(job, ranked)
                 else:
                     await self._generate(job, state)
         except asyncio.CancelledError:
@@ -459,7 +465,7 @@ class TgiExecutor:
         log.info("request %d done: %s, %d+%d tokens, %.2fs", job.id, reason.value, prompt_tokens,
                  completion_tokens, result.total_s)
         self._observe(result)
-        self._resolve(job, result)
+        resolve_job(job, result)
 
     def _record_latency(self, job: _Job) -> None:
         self._completed += 1
@@ -473,24 +479,11 @@ class TgiExecutor:
             self._unavailable_since = self._unavailable_since or time.monotonic()
         log.warning("request %d failed: %s", job.id, exc)
         self._observe(exc)
-        self._resolve(job, exc)
+        resolve_job(job, exc)
 
     def _observe(self, outcome: GenerationResult | Exception) -> None:
-        for observer in self.observers:
-            try:
-                observer(outcome)
-            except Exception:  # metrics must never break generation
-                log.exception("executor observer failed")
+        notify_observers(self.observers, outcome)
 
-    @staticmethod
-    def _resolve(job: _Job, outcome: object) -> None:
-        job.started_event.set()
-        if not job.future.done():
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
-            else:
-                job.future.set_result(outcome)
-        job.deltas.put_nowait(END_OF_STREAM)
 
 
 @dataclass
