@@ -217,25 +217,6 @@ class Store:
             await commit(session)
         return _rowcount(result) == 1
 
-    @retry_when_disconnected("write")  # returns a count that a second run would not repeat
-    @retry_when_locked
-    async def fail_pending_before(self, before: datetime) -> int:
-        """Mark "failed" every request still "pending" that was made before `before`; return how many.
-
-        For start-up: requests older than what is worth answering after a crash are closed for good.
-        """
-        async with self._sessions() as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.request_state == "pending", Message.created_at < before)
-                .values(request_state="failed")
-                .execution_options(synchronize_session=False)
-            )
-            await commit(session)
-        count = _rowcount(result)
-        log.info("closed %d pending requests made before %s", count, before.isoformat())
-        return count
-
     # ------------------------------------------------------------------ messages: delete
 
     async def delete_message(self, platform_id: str) -> bool:

@@ -214,6 +214,7 @@ async def test_request_states_and_pending_requests(store: Store) -> None:
     assert [m.platform_id for m in await store.pending_requests(old, before=now)] == ["old"]
     assert [m.platform_id for m in await store.pending_requests_before(now - timedelta(hours=1))] == ["old"]
 
-    assert await store.fail_pending_before(now - timedelta(hours=1)) == 1
+    assert await store.claim_request("old", "failed") is True
+    assert await store.claim_request("old", "failed") is False  # claimed once: a second claim loses
     assert (await store.get_message("old")).request_state == "failed"  # type: ignore[union-attr]
     assert [m.platform_id for m in await store.pending_requests(old)] == ["new"]
