@@ -26,7 +26,7 @@ from storage import open_database
 from tests.conftest import noise_image
 from tests.fake_discord import DefaultWorld, FakeDiscord
 from tests.fake_discord.fixtures import fake_discord  # noqa: F401
-from tests.postgres import BACKENDS, postgres_url_or_skip, reset_schema
+from tests.postgres import BACKENDS, backend_database_url
 
 FAST_EDIT_INTERVAL_S = 0.05
 """Streaming edits in tests: short enough to be quick, long enough that several deltas share an edit."""
@@ -35,13 +35,8 @@ FAST_EDIT_INTERVAL_S = 0.05
 @pytest.fixture(params=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A temp SQLite file, then (with `TEST_DATABASE_URL`) the same test on an emptied PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'bot.sqlite3'}"
-        return
-    url = postgres_url_or_skip("Discord tests")
-    await reset_schema(url)
-    yield url
-    await reset_schema(url)
+    async with backend_database_url(request.param, tmp_path / "bot.sqlite3", "Discord tests") as url:
+        yield url
 
 
 @pytest.fixture

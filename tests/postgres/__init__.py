@@ -10,7 +10,10 @@ Without it, the PostgreSQL variant of each test is skipped with a reason that `-
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import make_url
@@ -53,3 +56,16 @@ async def reset_schema(url: str) -> None:
             await connection.exec_driver_sql("CREATE SCHEMA public")
     finally:
         await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def backend_database_url(backend: str, sqlite_path: Path, what: str) -> AsyncIterator[str]:
+    """The body of every database-URL fixture: a SQLite file at `sqlite_path`, or (with TEST_DATABASE_URL) an
+    emptied PostgreSQL database, emptied again afterwards; `what` names the tests in the skip reason."""
+    if backend == "sqlite":
+        yield f"sqlite+aiosqlite:///{sqlite_path}"
+        return
+    url = postgres_url_or_skip(what)
+    await reset_schema(url)
+    yield url
+    await reset_schema(url)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from storage import Database, ImageBlob, NewMessage, Store, open_database
-from tests.postgres import BACKENDS, postgres_url_or_skip, reset_schema
+from tests.postgres import BACKENDS, backend_database_url
 
 MAX_IMAGE_BYTES = 64 * 1024
 """The bound the test store enforces: small, so `ImageTooLarge` is cheap to reach."""
@@ -22,14 +22,9 @@ MAX_IMAGE_BYTES = 64 * 1024
 
 @pytest.fixture(params=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        # A folder that does not exist yet: open_database must create it.
-        yield f"sqlite+aiosqlite:///{tmp_path / 'data' / 'idefics-bot.sqlite3'}"
-        return
-    url = postgres_url_or_skip("storage tests")
-    await reset_schema(url)
-    yield url
-    await reset_schema(url)
+    # A folder that does not exist yet: open_database must create it.
+    async with backend_database_url(request.param, tmp_path / "data" / "idefics-bot.sqlite3", "storage tests") as url:
+        yield url
 
 
 @pytest.fixture
