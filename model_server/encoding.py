@@ -27,8 +27,9 @@ class EncodedBatch:
     """(batch, tokens), left padded."""
     attention_mask: torch.Tensor
     """(batch, tokens): 0 on padding."""
-    pixel_values: torch.Tensor
-    """(batch, images, channels, height, width); rows with fewer images are zero-padded."""
+    pixel_values: torch.Tensor | None
+    """(batch, images, channels, height, width); rows with fewer images are zero-padded. None when the
+    caller takes image features from elsewhere (the engine's vision cache)."""
     image_attention_mask: torch.Tensor
     """(batch, tokens, images): which image each text token may attend to."""
     prompt_lengths: list[int]
@@ -38,14 +39,26 @@ class EncodedBatch:
         return EncodedBatch(
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
-            pixel_values=self.pixel_values.to(device=device, dtype=dtype),
+            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device=device, dtype=dtype),
             image_attention_mask=self.image_attention_mask.to(device),
             prompt_lengths=self.prompt_lengths,
         )
 
 
-def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence]) -> EncodedBatch:
-    """Tensors for already rendered prompt texts (with `<image>` tokens) and their images, in order."""
+def preprocess_images(processor, images: Sequence) -> torch.Tensor:
+    """(images, channels, height, width): the image processor's resize and normalisation."""
+    processed = processor.image_processor(list(images), return_tensors="pt")
+    # The IDEFICS image processor returns a bare tensor; other versions a BatchFeature.
+    return processed if isinstance(processed, torch.Tensor) else processed["pixel_values"]
+
+
+def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence], *,
+                 pixels: bool = True) -> EncodedBatch:
+    """Tensors for already rendered prompt texts (with `<image>` tokens) and their images, in order.
+
+    With `pixels=False` the images are not preprocessed (`pixel_values` is None): the image attention
+    mask still says which image each token sees.
+    """
     tokenizer = processor.tokenizer
     text_encoding = tokenizer(
         list(texts), add_special_tokens=False, padding="longest", return_tensors="pt"
@@ -55,14 +68,10 @@ def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence]) ->
     image_processor = processor.image_processor
     dims = (image_processor.image_num_channels, image_processor.image_size, image_processor.image_size)
     max_images = max(1, *(len(row) for row in images))
-    pixel_values = torch.zeros(len(texts), max_images, *dims)
+    pixel_values = torch.zeros(len(texts), max_images, *dims) if pixels else None
     for row, row_images in enumerate(images):
-        if row_images:
-            processed = image_processor(list(row_images), return_tensors="pt")
-            # The IDEFICS image processor returns a bare tensor; other versions a BatchFeature.
-            if not isinstance(processed, torch.Tensor):
-                processed = processed["pixel_values"]
-            pixel_values[row, : len(row_images)] = processed
+        if row_images and pixel_values is not None:
+            pixel_values[row, : len(row_images)] = preprocess_images(processor, row_images)
     if any(images):
         incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, tokenizer, "pt")
         image_attention_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=max_images)
@@ -77,7 +86,7 @@ def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence]) ->
     )
 
 
-def encode(processor, prompts: Sequence[Prompt]) -> EncodedBatch:
+def encode(processor, prompts: Sequence[Prompt], *, pixels: bool = True) -> EncodedBatch:
     bos = processor.tokenizer.bos_token
     texts = [prompt_text(p.items, bos=bos) for p in prompts]
-    return encode_texts(processor, texts, [p.images for p in prompts])
+    return encode_texts(processor, texts, [p.images for p in prompts], pixels=pixels)

@@ -1,29 +1,38 @@
 """The model work itself, run on the executor's model thread only.
 
-`LocalEngine.generate` is a decode loop written out (not `model.generate`) so that every row stops on
-its own: at `<end_of_utterance>`, at a stop string, at its token limit, when cancelled or past its
-deadline. A finished row leaves the batch at once (its KV cache rows are dropped), so it neither
-waits for nor slows down the others. Image features go through the vision tower and the perceiver
-once per batch, not once per token.
+Generation is a decode loop written out (not `model.generate`) so that every row stops on its own:
+at `<end_of_utterance>`, at a stop string, at its token limit, when cancelled or past its deadline,
+and so that rows can join and leave between steps (`RunningBatch`): `prefill` starts rows, `step`
+advances every row by one token, `RunningBatch.join` merges newly prefilled rows into a running
+batch. A finished row leaves at once (its KV cache rows are dropped), so it neither waits for nor
+slows down the others. Each row keeps its own decoding settings and random stream.
+
+Image features go through the vision tower and the perceiver once per image: the result is kept in
+a `VisionCache` by the image's content, so a picture asked about again, in a later turn or another
+request, is not encoded again.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from model_server.encoding import EncodedBatch, encode, encode_texts
+from model_server.encoding import encode, encode_texts, preprocess_images
 from model_server.loading import LoadedModel
 from model_server.prompt import prompt_text
+from model_server.running_batch import RowState, RunningBatch, new_generator
 from model_server.streaming import TextAssembler, cut_at_stop
 from model_server.types import FinishReason, Prompt
+from model_server.vision_cache import VisionCache, image_key
+
+DEFAULT_VISION_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -66,12 +75,23 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class LocalEngine:
     """Generation and scoring with an in-process transformers model."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
         self._bad_ids = [ids[0] for ids in loaded.bad_words_ids]
+        self._stop_ids = set(loaded.stop_token_ids)
+        self.vision_cache = VisionCache(vision_cache_bytes)
+        config = self.model.config
+        vision = config.vision_config
+        if config.use_resampler:
+            # The perceiver's output is what the cross-attention layers read: cache that, skip both.
+            self._feature_arg = "perceiver_embeddings"
+            self._feature_shape = (config.perceiver_config.resampler_n_latents, vision.embed_dim)
+        else:
+            self._feature_arg = "image_encoder_embeddings"
+            self._feature_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim)
 
     # -- model calls (one place, so tests can inject faults here) --------------------------------
     def forward(self, **kwargs):
@@ -84,70 +104,113 @@ class LocalEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _image_features(self, enc: EncodedBatch) -> tuple[str, torch.Tensor]:
-        """Vision tower (+ perceiver) once per batch: (argument name, (batch, images, latents, hidden))."""
-        inner = self.model.model
-        batch, images = enc.pixel_values.shape[:2]
-        hidden = inner.vision_model(pixel_values=enc.pixel_values.flatten(0, 1)).last_hidden_state
-        if self.model.config.use_resampler:
-            hidden = inner.perceiver_resampler(hidden)
-            name = "perceiver_embeddings"
-        else:
-            name = "image_encoder_embeddings"
-        return name, hidden.view(batch, images, *hidden.shape[1:])
+    # -- image features --------------------------------------------------------------------------
+    def _image_features(self, images: Sequence[Sequence[Image.Image]], slots: int) -> torch.Tensor:
+        """(rows, slots, latents, hidden): each row's image features in order, zero in unused slots.
+
+        Images found in the vision cache are not preprocessed or encoded again; the others go through
+        the vision tower (and the perceiver) together, once each even when a batch repeats one.
+        """
+        loaded = self.loaded
+        out = torch.zeros(len(images), max(slots, 1), *self._feature_shape, device=loaded.device, dtype=loaded.dtype)
+        found: dict[Hashable, torch.Tensor] = {}
+        missing: dict[Hashable, Image.Image] = {}
+        places: list[tuple[int, int, Hashable]] = []
+        for r, row_images in enumerate(images):
+            for k, image in enumerate(row_images):
+                key = image_key(image)
+                places.append((r, k, key))
+                if key in found or key in missing:
+                    continue
+                cached = self.vision_cache.get(key)
+                if cached is None:
+                    missing[key] = image
+                else:
+                    found[key] = cached
+        if missing:
+            pixels = preprocess_images(self.processor, list(missing.values())).to(loaded.device, loaded.dtype)
+            hidden = self.model.model.vision_model(pixel_values=pixels).last_hidden_state
+            if self.model.config.use_resampler:
+                hidden = self.model.model.perceiver_resampler(hidden)
+            for key, features in zip(missing, hidden, strict=True):
+                found[key] = features.clone()  # its own storage: the cache must not pin the whole batch
+                self.vision_cache.put(key, found[key])
+        for r, k, key in places:
+            out[r, k] = found[key]
+        return out
 
     # -- free generation -------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, rows: Sequence[Row]) -> None:
-        enc = encode(self.processor, [r.prompt for r in rows]).to(self.loaded.device, self.loaded.dtype)
-        stop_ids = set(self.loaded.stop_token_ids)
-        assemblers = [TextAssembler(self._decode, r.prompt.params.stop_strings, r.sent) for r in rows]
-        generators = [self._generator(r.prompt.params.seed) for r in rows]
-        prompt_ids = [enc.input_ids[i, -enc.prompt_lengths[i]:].tolist() for i in range(len(rows))]
+        """Run `rows` together to their ends (no row joins on the way)."""
+        batch = self.prefill(rows)
+        while batch is not None:
+            batch = self.step(batch)
 
-        feature_arg, features = self._image_features(enc)
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[Row]) -> RunningBatch | None:
+        """Read the prompts, pick each row's first token; None when every row already finished."""
+        prompts = [r.prompt for r in rows]
+        enc = encode(self.processor, prompts, pixels=False).to(self.loaded.device, self.loaded.dtype)
+        features = self._image_features([p.images for p in prompts], enc.image_attention_mask.shape[-1])
         cache = DynamicCache(config=self.model.config)
-        attention = enc.attention_mask
-        image_mask = enc.image_attention_mask
         out = self.forward(
-            input_ids=enc.input_ids, attention_mask=attention, image_attention_mask=image_mask,
-            cache=cache, use_cache=True, logits_to_keep=1, **{feature_arg: features.flatten(0, 1)},
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, image_attention_mask=enc.image_attention_mask,
+            cache=cache, use_cache=True, logits_to_keep=1, **{self._feature_arg: features.flatten(0, 1)},
         )
-        image_mask = image_mask[:, -1:, :]
-        active = list(range(len(rows)))
-        while True:
-            logits = out.logits[:, -1, :].float()
-            next_tokens = self._choose(logits, [rows[i] for i in active], [prompt_ids[i] for i in active],
-                                       [generators[i] for i in active])
-            now = time.monotonic()
-            keep: list[int] = []
-            for pos, i in enumerate(active):
-                row, token = rows[i], int(next_tokens[pos])
-                row.first_token_at = row.first_token_at or now
-                reason = self._step_row(row, assemblers[i], token, stop_ids, now)
-                if reason is None:
-                    keep.append(pos)
-                else:
-                    self._finish(row, assemblers[i], reason, enc.prompt_lengths[i])
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=attention.device)
-                cache.batch_select_indices(index)
-                attention, image_mask, features = attention[index], image_mask[index], features[index]
-                next_tokens = next_tokens[index]
-                active = [active[p] for p in keep]
-            attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)
-            out = self.forward(
-                input_ids=next_tokens[:, None], attention_mask=attention, image_attention_mask=image_mask,
-                cache=cache, use_cache=True, **{feature_arg: features.flatten(0, 1)},
-            )
+        states = []
+        for i, row in enumerate(rows):
+            params = row.prompt.params
+            length = enc.prompt_lengths[i]
+            states.append(RowState(
+                row=row,
+                assembler=TextAssembler(self._decode, params.stop_strings, row.sent),
+                prompt_ids=enc.input_ids[i, -length:].tolist() if params.repetition_penalty != 1.0 else [],
+                prompt_length=length,
+                generator=new_generator(self.loaded.device, params.seed) if params.decoding == "sample" else None,
+            ))
+        batch = RunningBatch(
+            states=states, cache=cache, attention=enc.attention_mask,
+            image_mask=enc.image_attention_mask[:, -1:, :], features=features,
+            next_tokens=enc.input_ids.new_zeros(len(rows)),
+        )
+        return self._advance(batch, out.logits[:, -1, :])
 
-    def _step_row(self, row: Row, assembler: TextAssembler, token: int, stop_ids: set[int],
-                  now: float) -> FinishReason | None:
+    @torch.inference_mode()
+    def step(self, batch: RunningBatch) -> RunningBatch | None:
+        """Feed every row its newest token and pick the next; None when no row is left."""
+        attention = torch.cat([batch.attention, batch.attention.new_ones(len(batch), 1)], dim=1)
+        out = self.forward(
+            input_ids=batch.next_tokens[:, None], attention_mask=attention, image_attention_mask=batch.image_mask,
+            cache=batch.cache, use_cache=True, **{self._feature_arg: batch.features.flatten(0, 1)},
+        )
+        batch.attention = attention
+        return self._advance(batch, out.logits[:, -1, :])
+
+    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> RunningBatch | None:
+        next_tokens = self._choose(logits.float(), batch.states)
+        tokens = next_tokens.tolist()
+        now = time.monotonic()
+        keep: list[int] = []
+        for pos, state in enumerate(batch.states):
+            row = state.row
+            row.first_token_at = row.first_token_at or now
+            reason = self._step_row(row, state.assembler, tokens[pos], now)
+            if reason is None:
+                keep.append(pos)
+            else:
+                self._finish(row, state.assembler, reason, state.prompt_length)
+        if not keep:
+            return None
+        batch.next_tokens = next_tokens
+        if len(keep) < len(batch):
+            batch.keep(keep)
+        return batch
+
+    def _step_row(self, row: Row, assembler: TextAssembler, token: int, now: float) -> FinishReason | None:
         if row.on_step is not None:
             row.on_step()
-        if token in stop_ids:
+        if token in self._stop_ids:
             return FinishReason.END_OF_UTTERANCE
         row.generated.append(token)
         delta = assembler.add(token)
@@ -171,31 +234,30 @@ class LocalEngine:
         row.done = True
         row.on_done(assembler.text, reason, prompt_tokens, len(row.generated), row.first_token_at)
 
-    def _generator(self, seed: int | None) -> torch.Generator:
-        gen = torch.Generator(device=self.loaded.device)
-        gen.manual_seed(seed if seed is not None else random.randrange(2**31))
-        return gen
-
-    def _choose(self, logits: torch.Tensor, rows: Sequence[Row], prompt_ids: Sequence[list[int]],
-                generators: Sequence[torch.Generator]) -> torch.Tensor:
-        params = rows[0].prompt.params
+    def _choose(self, logits: torch.Tensor, states: Sequence[RowState]) -> torch.Tensor:
+        """Each row's next token by its own settings: greedy, or sampled from its own random stream."""
         logits[:, self._bad_ids] = -math.inf
-        if params.repetition_penalty != 1.0:
-            for r, row in enumerate(rows):
-                seen = torch.tensor(sorted(set(prompt_ids[r]) | set(row.generated)), device=logits.device)
+        for r, state in enumerate(states):
+            penalty = state.row.prompt.params.repetition_penalty
+            if penalty != 1.0:
+                seen = torch.tensor(sorted(set(state.prompt_ids) | set(state.row.generated)), device=logits.device)
                 values = logits[r, seen]
-                logits[r, seen] = torch.where(values > 0, values / params.repetition_penalty,
-                                              values * params.repetition_penalty)
-        if params.decoding != "sample":
-            return logits.argmax(dim=-1)
-        logits = logits / max(params.temperature, 1e-5)
-        probs = torch.softmax(logits, dim=-1)
+                logits[r, seen] = torch.where(values > 0, values / penalty, values * penalty)
+        tokens = logits.argmax(dim=-1)
+        for r, state in enumerate(states):
+            if state.generator is not None:
+                tokens[r] = self._sample(logits[r], state.row.prompt.params, state.generator)
+        return tokens
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> torch.Tensor:
+        probs = torch.softmax(logits / max(params.temperature, 1e-5), dim=-1)
         if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > params.top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.stack([torch.multinomial(probs[r], 1, generator=generators[r])[0] for r in range(len(rows))])
+        return torch.multinomial(probs, 1, generator=generator)[0]
 
     # -- beam search (the guide's story) -----------------------------------------------------------
     @torch.inference_mode()
@@ -241,12 +303,12 @@ class LocalEngine:
         for start in range(0, len(continuations), chunk):
             part = continuations[start:start + chunk]
             texts = [base + " " + c for c in part]
-            enc = encode_texts(self.processor, texts, [prompt.images] * len(part))
+            enc = encode_texts(self.processor, texts, [prompt.images] * len(part), pixels=False)
             enc = enc.to(self.loaded.device, self.loaded.dtype)
-            feature_arg, features = self._image_features(enc)
+            features = self._image_features([prompt.images] * len(part), enc.image_attention_mask.shape[-1])
             logits = self.forward(
                 input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                image_attention_mask=enc.image_attention_mask, **{feature_arg: features.flatten(0, 1)},
+                image_attention_mask=enc.image_attention_mask, **{self._feature_arg: features.flatten(0, 1)},
             ).logits.float()
             logprobs = torch.log_softmax(logits, dim=-1)
             width = enc.input_ids.shape[1]

@@ -1,0 +1,111 @@
+"""The tensors of a batch being decoded, and how rows join and leave it between decode steps.
+
+Rows are left padded: every row's tokens end in the last column, so one new column per step serves
+all of them. A row that joins brings its own prefilled key/value cache; the shorter side is padded
+on the left with masked columns and the two are stacked (text-generation-inference's
+`IdeficsCausalLMBatch.concatenate` does the same). A row that leaves is dropped from every tensor,
+and columns that only padding still uses are cut off, so a long-gone long prompt costs nothing.
+Positions come from the attention mask's running sum, so padding never shifts a row's positions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from model_server.streaming import TextAssembler
+
+
+@dataclass
+class RowState:
+    """What the decode loop keeps for one row besides its tensors."""
+
+    row: object
+    """The `engine.Row` it decodes."""
+    assembler: TextAssembler
+    prompt_ids: list[int]
+    """The prompt's tokens (for the repetition penalty; empty when the row has none)."""
+    prompt_length: int
+    generator: torch.Generator | None
+    """Own random stream of a sampling row: its draws do not depend on who shares the batch."""
+
+
+def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else random.randrange(2**31))
+    return generator
+
+
+@dataclass
+class RunningBatch:
+    states: list[RowState]
+    cache: DynamicCache
+    """Self-attention keys and values, (rows, heads, columns, head dim) per layer."""
+    attention: torch.Tensor
+    """(rows, columns): 1 where a row has a token, 0 on padding; as wide as the cache."""
+    image_mask: torch.Tensor
+    """(rows, 1, images): which images the row's next token may attend to."""
+    features: torch.Tensor
+    """(rows, images, latents, hidden): image features; padding slots are zero and masked out."""
+    next_tokens: torch.Tensor
+    """(rows,): each row's newest token, chosen but not yet fed to the model."""
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def keep(self, positions: list[int]) -> None:
+        """Only the rows at `positions` stay (in that order)."""
+        index = torch.tensor(positions, device=self.attention.device)
+        self.states = [self.states[p] for p in positions]
+        self.cache.batch_select_indices(index)
+        self.attention = self.attention[index]
+        self.image_mask = self.image_mask[index]
+        self.features = self.features[index]
+        self.next_tokens = self.next_tokens[index]
+        self._cut_padding()
+
+    def _cut_padding(self) -> None:
+        used = self.attention.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first == 0:
+            return
+        self.attention = self.attention[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, first:, :]
+            layer.values = layer.values[:, :, first:, :]
+
+    def join(self, other: RunningBatch) -> None:
+        """Append `other`'s rows (a freshly prefilled batch) to this one."""
+        width = max(self.attention.shape[1], other.attention.shape[1])
+        images = max(self.image_mask.shape[-1], other.image_mask.shape[-1])
+        self.attention = torch.cat([_pad_left(self.attention, width, 1), _pad_left(other.attention, width, 1)])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.image_mask = torch.cat([_pad_images(self.image_mask, images, 2), _pad_images(other.image_mask, images, 2)])
+        self.features = torch.cat([_pad_images(self.features, images, 1), _pad_images(other.features, images, 1)])
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        self.states = self.states + other.states
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zero columns in front along `dim` until it is `width` long."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _pad_images(tensor: torch.Tensor, images: int, dim: int) -> torch.Tensor:
+    """Zero (masked) image slots after the real ones along `dim`."""
+    missing = images - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - dim - 1) + [0, missing]
+    return F.pad(tensor, pad)
