@@ -478,6 +478,12 @@ class TaskCommands(commands.Cog):
                 f"batches run: {stats.batches}",
                 f"requests: {stats.completed} done, {stats.failed} failed",
             ]
+            cache = stats.vision_cache
+            if cache is not None:
+                looked_up = cache.hits + cache.misses
+                rate = f", {100 * cache.hits / looked_up:.0f}% hits" if looked_up else ""
+                lines.append(f"image cache: {cache.entries} images, {cache.bytes / 2**20:.1f} of "
+                             f"{cache.capacity_bytes / 2**20:.0f} MiB{rate}")
             seen = [f"{kind} {count}" for kind, count in stats.errors.items() if count]
             if seen:
                 lines.append(f"errors: {', '.join(seen)}")

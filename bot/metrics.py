@@ -179,6 +179,14 @@ class LiveCollector(Collector):
         for kind, count in sorted(stats.errors.items()):
             errors.add_metric([kind], count)
         yield errors
+        if stats.vision_cache is not None:
+            cache = stats.vision_cache
+            lookups = CounterMetricFamily("idefics_vision_cache_lookups",
+                                          "Image-feature cache lookups, by result.", labels=["result"])
+            lookups.add_metric(["hit"], cache.hits)
+            lookups.add_metric(["miss"], cache.misses)
+            yield lookups
+            yield GaugeMetricFamily("idefics_vision_cache_bytes", "Bytes of image features kept.", value=cache.bytes)
         self.batch_sizes.update(getattr(executor, "batches", ()))
         yield self.batch_sizes.metric()
         memory = GaugeMetricFamily("idefics_gpu_memory_allocated_bytes",

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
 
     # Generation and queueing
     max_batch_size: int = Field(default=8, ge=1)
+    batching: Literal["continuous", "static"] = "continuous"
+    """continuous: new requests join the running batch between decode steps; static: a batch runs to its end."""
+    vision_cache_mb: int = Field(default=256, ge=0)
+    """Memory for image features kept between requests, so a picture asked about again is not re-encoded."""
     max_queue: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=180.0, gt=0)
     watchdog_s: float = Field(default=120.0, ge=0)
@@ -161,6 +165,8 @@ class Settings(BaseSettings):
             dtype=self.idefics_dtype,
             quantization=self.idefics_quantization,
             max_batch_size=self.max_batch_size,
+            batching=self.batching,
+            vision_cache_mb=self.vision_cache_mb,
             max_queue=self.max_queue,
             request_timeout_s=self.request_timeout_s,
             watchdog_s=self.watchdog_s,

@@ -17,6 +17,11 @@ class ModelConfig:
     quantization: Literal["none", "4bit", "8bit"] = "none"
     max_batch_size: int = 8
     """Most requests generated together in one batch."""
+    batching: Literal["continuous", "static"] = "continuous"
+    """"continuous": requests join the running batch between decode steps and leave it when done;
+    "static": a batch runs to its end before the next one starts (beam search and scoring always do)."""
+    vision_cache_mb: int = 256
+    """Memory for image features kept between requests (keyed by image content); 0 turns the cache off."""
     max_queue: int = 64
     """Most requests waiting; past it `submit` raises `Busy`."""
     request_timeout_s: float = 180.0

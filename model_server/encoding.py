@@ -12,10 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.models.idefics.processing_idefics import (
-    image_attention_mask_for_packed_input_ids,
-    incremental_to_binary_attention_mask,
-)
+from transformers.models.idefics.processing_idefics import incremental_to_binary_attention_mask
 
 from model_server.prompt import prompt_text
 from model_server.types import Prompt
@@ -43,6 +40,25 @@ class EncodedBatch:
             image_attention_mask=self.image_attention_mask.to(device),
             prompt_lengths=self.prompt_lengths,
         )
+
+
+def latest_image_index(input_ids: torch.Tensor, image_id: int, eos_id: int | None) -> torch.Tensor:
+    """(batch, tokens): the index of the latest image at or before each token, -1 where it sees none.
+
+    What `image_attention_mask_for_packed_input_ids` computes with a Python loop per token (seconds for
+    a batch of long prompts), as tensor operations: a token after an end-of-sequence token sees no image
+    until the next `<image>`.
+    """
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    none = torch.full_like(input_ids, -1)
+    is_image = input_ids == image_id
+    index = is_image.long().cumsum(dim=1) - 1
+    last_image = torch.where(is_image, positions, none).cummax(dim=1).values
+    if eos_id is None:
+        return index
+    last_eos = torch.where(input_ids == eos_id, positions, none).cummax(dim=1).values
+    eos_before = torch.cat([none[:, :1], last_eos[:, :-1]], dim=1)  # an end token blocks the tokens after it
+    return torch.where(eos_before > last_image, none, index)
 
 
 def preprocess_images(processor, images: Sequence) -> torch.Tensor:
@@ -73,7 +89,8 @@ def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence], *,
         if row_images and pixel_values is not None:
             pixel_values[row, : len(row_images)] = preprocess_images(processor, row_images)
     if any(images):
-        incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, tokenizer, "pt")
+        incremental = latest_image_index(input_ids, tokenizer.convert_tokens_to_ids("<image>"),
+                                         tokenizer.eos_token_id)
         image_attention_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=max_images)
     else:
         image_attention_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1], 1, dtype=torch.long)

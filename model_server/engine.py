@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from model_server.config import ModelConfig
 from model_server.encoding import encode, encode_texts, preprocess_images
 from model_server.loading import LoadedModel
 from model_server.prompt import prompt_text
@@ -92,6 +93,10 @@ class LocalEngine:
         else:
             self._feature_arg = "image_encoder_embeddings"
             self._feature_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.embed_dim)
+
+    @classmethod
+    def for_config(cls, loaded: LoadedModel, config: ModelConfig) -> LocalEngine:
+        return cls(loaded, vision_cache_bytes=config.vision_cache_mb * 2**20)
 
     # -- model calls (one place, so tests can inject faults here) --------------------------------
     def forward(self, **kwargs):

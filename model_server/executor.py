@@ -33,6 +33,7 @@ from model_server.config import ModelConfig
 from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelStuck, RequestTimeout
 from model_server.scheduler import Waiting, pick_batch, split_in_halves
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
+from model_server.vision_cache import VisionCacheStats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Engine(Protocol):
     """What the executor needs from a model: `engine.LocalEngine` is the in-process one."""
 
     def generate(self, rows: Sequence) -> None: ...
+    def prefill(self, rows: Sequence) -> Any: ...
+    def step(self, batch: Any) -> Any: ...
     def beam_search(self, rows: Sequence) -> None: ...
     def score(self, prompt: Prompt, continuations: Sequence[str], chunk: int) -> list[float]: ...
     def free_memory(self) -> None: ...
@@ -77,6 +80,8 @@ class ExecutorStats:
     model thread was declared stuck."""
     fault: str | None
     """What is wrong right now (e.g. "model thread stuck for 130 s"), None when the executor is healthy."""
+    vision_cache: VisionCacheStats | None = None
+    """The in-process model's image-feature cache (None on text-generation-inference)."""
 
 
 @dataclass(eq=False)
@@ -307,8 +312,12 @@ class Executor:
         return ExecutorStats(
             queue_length=waiting, running=running, completed=self._completed, failed=self._failed,
             median_latency_s=statistics.median(latencies) if latencies else None, batches=len(self.batches),
-            errors=errors, fault=self.fault,
+            errors=errors, fault=self.fault, vision_cache=self._vision_cache_stats(),
         )
+
+    def _vision_cache_stats(self) -> VisionCacheStats | None:
+        cache = getattr(self.engine, "vision_cache", None)
+        return None if cache is None else cache.stats()
 
     @property
     def alive(self) -> bool:
@@ -372,43 +381,151 @@ class Executor:
 
     # -- the model thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        if self.config.batching == "continuous":
+            self._run_continuous()
+        else:
+            self._run_static()
+
+    def _run_static(self) -> None:
+        """A batch runs to its end; the next one starts from whatever waits then."""
         while True:
             with self._cond:
-                while not self._waiting and not self._closing:
-                    self._cond.wait()
-                if not self._waiting:
+                if not self._wait_for_work(idle=True):
                     return
-                if self.batch_window_s > 0 and len(self._waiting) < self.config.max_batch_size:
-                    # A short pause lets requests that arrive together (several channels) share a batch.
-                    self._cond.wait(self.batch_window_s)
                 batch = self._take_batch()
             if batch:
                 self.batches.append(BatchRecord(len(batch), batch[0].kind, time.monotonic()))
                 self._execute(batch)
-                with self._cond:
-                    self._running = []
-                    stuck, self._stuck_since = self._stuck_since, None
-                    self._cond.notify_all()
-                if stuck is not None:
-                    log.warning("model thread recovered after %.1f s without progress; serving again",
-                                time.monotonic() - stuck)
+                self._after_model_call([])
 
-    def _take_batch(self) -> list[_Job]:
-        now = time.monotonic()
+    def _run_continuous(self) -> None:
+        """Between decode steps, waiting requests are prefilled and join the running batch.
+
+        Finished rows leave at the step that ends them, so a one-line answer does not wait behind a
+        long story, and a new request starts within one step. Beam search and scoring run on their
+        own: scoring (one forward pass) between two steps, beam search once the running rows are
+        done, so no later request overtakes it.
+        """
+        batch = None
+        live: list[tuple[_Job, Any]] = []
+        while True:
+            with self._cond:
+                if not self._wait_for_work(idle=batch is None):
+                    return
+                admitted, alone = self._admit(len(live))
+            if alone is not None:
+                self.batches.append(BatchRecord(1, alone.kind, time.monotonic()))
+                self._execute([alone])
+            if admitted:
+                joined, rows = self._prefill(admitted, len(live))
+                if joined is not None:
+                    live += [(j, r) for j, r in zip(admitted, rows, strict=True) if not r.done]
+                    if batch is None:
+                        batch = joined
+                    else:
+                        batch.join(joined)
+            if batch is not None:
+                batch = self._step(batch, live)
+            live = [(j, r) for j, r in live if not r.done and not j.settled]
+            if batch is None:
+                live = []
+            self._after_model_call([j for j, _ in live])
+
+    def _wait_for_work(self, idle: bool) -> bool:
+        """With `_cond` held: wait while there is nothing to do; False when closing and nothing is left."""
+        if not idle:
+            return True
+        while not self._waiting and not self._closing:
+            self._cond.wait()
+        if not self._waiting:
+            return False
+        if self.batch_window_s > 0 and len(self._waiting) < self.config.max_batch_size:
+            # A short pause lets requests that arrive together (several channels) share a batch.
+            self._cond.wait(self.batch_window_s)
+        return True
+
+    def _after_model_call(self, running: list[_Job]) -> None:
+        """The model thread came back: record who still runs; a stuck call that returned clears the fault."""
+        with self._cond:
+            self._running = running
+            stuck, self._stuck_since = self._stuck_since, None
+            self._cond.notify_all()
+        if stuck is not None:
+            log.warning("model thread recovered after %.1f s without progress; serving again",
+                        time.monotonic() - stuck)
+
+    def _expire_waiting(self, now: float) -> None:
         expired = [j for j in self._waiting if j.deadline < now]
         for job in expired:
             self._waiting.remove(job)
             self._errors["timeout"] += 1
             self._fail(job, RequestTimeout(f"request {job.id} expired in the queue"))
-        entries = [Waiting(j, self._batch_key(j), self._weight(j)) for j in self._waiting]
-        chosen = [w.item for w in pick_batch(entries, self.config.max_batch_size)]
-        for job in chosen:
+
+    def _start(self, jobs: list[_Job], now: float, batch_size: int) -> None:
+        for job in jobs:
             self._waiting.remove(job)
             job.started = now
-            job.batch_size = len(chosen)
+            job.batch_size = batch_size
             job.post(job.started_event.set)
-        self._running = chosen
         self._progress_at = now
+
+    def _admit(self, running: int) -> tuple[list[_Job], _Job | None]:
+        """With `_cond` held: the waiting requests that join a batch of `running` rows now, in arrival
+        order, and a scoring or beam request that runs alone now (or None)."""
+        now = time.monotonic()
+        self._expire_waiting(now)
+        head = self._waiting[0] if self._waiting else None
+        if head is not None and head.kind != "generate" and (head.kind == "rank" or running == 0):
+            self._start([head], now, 1)
+            self._running = [*self._running, head]
+            return [], head
+        admitted: list[_Job] = []
+        for job in self._waiting:
+            if job.kind != "generate" or running + len(admitted) >= self.config.max_batch_size:
+                break  # first come, first served: nothing overtakes a waiting beam search
+            admitted.append(job)
+        if admitted:
+            self._start(admitted, now, running + len(admitted))
+            self._running = [*self._running, *admitted]
+        return admitted, None
+
+    def _rows(self, jobs: list[_Job]) -> list:
+        from model_server.engine import Row
+
+        return [
+            Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, sent=j.sent,
+                on_delta=lambda delta, j=j: self._delta(j, delta),
+                on_done=lambda text, reason, p, c, first, j=j: self._complete(j, text, reason, p, c, first),
+                on_step=self._beat)
+            for j in jobs
+        ]
+
+    def _prefill(self, jobs: list[_Job], running: int) -> tuple[Any, list]:
+        """Start `jobs`; on failure they are retried on their own (see `_recover`) and None comes back."""
+        self.batches.append(BatchRecord(running + len(jobs), "generate", time.monotonic()))
+        rows = self._rows(jobs)
+        try:
+            return self.engine.prefill(rows), rows
+        except Exception as exc:
+            self._recover(jobs, rows, exc)
+            return None, rows
+
+    def _step(self, batch: Any, live: list[tuple[_Job, Any]]) -> Any:
+        """One decode step of the running batch; on failure its rows are retried on their own."""
+        try:
+            return self.engine.step(batch)
+        except Exception as exc:
+            jobs = [j for j, _ in live]
+            self._recover(jobs, [r for _, r in live], exc)
+            return None
+
+    def _take_batch(self) -> list[_Job]:
+        now = time.monotonic()
+        self._expire_waiting(now)
+        entries = [Waiting(j, self._batch_key(j), self._weight(j)) for j in self._waiting]
+        chosen = [w.item for w in pick_batch(entries, self.config.max_batch_size)]
+        self._start(chosen, now, len(chosen))
+        self._running = chosen
         return chosen
 
     @staticmethod
@@ -421,15 +538,8 @@ class Executor:
         return job.prompt.params.num_beams if job.kind == "beam" else 1
 
     def _execute(self, jobs: list[_Job]) -> None:
-        from model_server.engine import Row, is_out_of_memory
-
-        rows = [
-            Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, sent=j.sent,
-                on_delta=lambda delta, j=j: self._delta(j, delta),
-                on_done=lambda text, reason, p, c, first, j=j: self._complete(j, text, reason, p, c, first),
-                on_step=self._beat)
-            for j in jobs
-        ]
+        """Run `jobs` as one batch to its end (scoring and beam search alone)."""
+        rows = self._rows(jobs)
         try:
             if jobs[0].kind == "rank":
                 self._rank(jobs[0])
@@ -438,23 +548,30 @@ class Executor:
             else:
                 self.engine.generate(rows)
         except Exception as exc:
-            pending = [j for j, r in zip(jobs, rows, strict=True) if not r.done and not j.settled]
-            oom = is_out_of_memory(exc)
-            self._count("oom" if oom else "error")
-            log.warning("batch of %d failed (%s%s); %d to retry", len(jobs), type(exc).__name__,
-                        ", out of memory" if oom else "", len(pending) if len(jobs) > 1 else 0,
-                        exc_info=not oom)
-            if oom:
-                self.engine.free_memory()
-            if len(jobs) == 1 or not pending:
-                for job in pending:
-                    message = ("the model ran out of memory on this request; try fewer images or a shorter "
-                               "message") if oom else None
-                    self._fail(job, GenerationFailed(f"{type(exc).__name__}: {exc}", user_message=message))
-                return
-            for part in (split_in_halves(pending) if oom else [[j] for j in pending]):
-                if part:
-                    self._execute(part)
+            self._recover(jobs, rows, exc)
+
+    def _recover(self, jobs: list[_Job], rows: list, exc: Exception) -> None:
+        """After a model error: out of memory, retry in halves; otherwise one request at a time, so a
+        request that breaks the model fails alone. Retried rows skip the text they already streamed."""
+        from model_server.engine import is_out_of_memory
+
+        pending = [j for j, r in zip(jobs, rows, strict=True) if not r.done and not j.settled]
+        oom = is_out_of_memory(exc)
+        self._count("oom" if oom else "error")
+        log.warning("batch of %d failed (%s%s); %d to retry", len(jobs), type(exc).__name__,
+                    ", out of memory" if oom else "", len(pending) if len(jobs) > 1 else 0,
+                    exc_info=not oom)
+        if oom:
+            self.engine.free_memory()
+        if len(jobs) == 1 or not pending:
+            for job in pending:
+                message = ("the model ran out of memory on this request; try fewer images or a shorter "
+                           "message") if oom else None
+                self._fail(job, GenerationFailed(f"{type(exc).__name__}: {exc}", user_message=message))
+            return
+        for part in (split_in_halves(pending) if oom else [[j] for j in pending]):
+            if part:
+                self._execute(part)
 
     def _rank(self, job: _Job) -> None:
         scores = self.engine.score(job.prompt, job.categories, self.config.max_batch_size)

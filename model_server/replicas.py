@@ -36,6 +36,7 @@ from model_server.config import ModelConfig
 from model_server.errors import Busy, ExecutorClosed, ModelLoadError, ModelStuck
 from model_server.executor import BatchRecord, Executor, ExecutorStats, RequestHandle
 from model_server.types import GenerationResult, Prompt, RankedCategory
+from model_server.vision_cache import VisionCacheStats
 
 if TYPE_CHECKING:
     from model_server.loading import LoadedModel, Progress
@@ -143,7 +144,15 @@ def merge_stats(parts: Sequence[ExecutorStats], latencies: Sequence[float], faul
         completed=sum(p.completed for p in parts), failed=sum(p.failed for p in parts),
         median_latency_s=statistics.median(latencies) if latencies else None,
         batches=sum(p.batches for p in parts), errors=errors, fault=fault,
+        vision_cache=merge_vision_cache([p.vision_cache for p in parts if p.vision_cache is not None]),
     )
+
+
+def merge_vision_cache(parts: Sequence[VisionCacheStats]) -> VisionCacheStats | None:
+    """Every replica's image-feature cache counted as one (each replica keeps its own)."""
+    if not parts:
+        return None
+    return VisionCacheStats(*(sum(getattr(p, f.name) for p in parts) for f in dataclasses.fields(VisionCacheStats)))
 
 
 class ReplicaPool:
@@ -167,7 +176,8 @@ class ReplicaPool:
         """One `Executor` (with its own model thread) per loaded replica; start it with `async with`."""
         from model_server.engine import LocalEngine
 
-        executors = [Executor(LocalEngine(m), config, batch_window_s=batch_window_s) for m in models]
+        executors = [Executor(LocalEngine.for_config(m, config), config, batch_window_s=batch_window_s)
+                     for m in models]
         return cls(executors, config, [str(m.device) for m in models])
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -266,5 +276,5 @@ def local_executor(models: Sequence[LoadedModel], config: ModelConfig, *,
     if len(models) == 1:
         from model_server.engine import LocalEngine
 
-        return Executor(LocalEngine(models[0]), config, batch_window_s=batch_window_s)
+        return Executor(LocalEngine.for_config(models[0], config), config, batch_window_s=batch_window_s)
     return ReplicaPool.from_models(models, config, batch_window_s=batch_window_s)

@@ -366,6 +366,8 @@ async def test_status(running_bot: RunningBot) -> None:
     assert fields["backend"] == "local" and fields["type"] == "instruct"
     assert fields["queue"] == "0 waiting, 0 running" and fields["batches run"] == "1"
     assert re.fullmatch(r"\d+\.\d\d s", fields["median latency"])
+    # The caption's image went through the vision tower once and is kept for the next question about it.
+    assert re.fullmatch(r"[1-9]\d* images, \d+\.\d of \d+ MiB, \d+% hits", fields["image cache"])
 
 
 async def test_forget_me_removes_only_the_callers_messages(running_bot: RunningBot) -> None:

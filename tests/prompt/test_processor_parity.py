@@ -77,3 +77,22 @@ def test_the_processor_would_fetch_a_bare_url_item(processor) -> None:
     # Shows the check above is not vacuous: the same URL left as an item of its own is fetched.
     with pytest.raises(AssertionError, match="tried to fetch"):
         processor(text=[image(), URL], add_end_of_utterance_token=False, return_tensors="pt")
+
+
+def test_latest_image_index_matches_the_processors_loop():
+    """Our tensor form of the image attention mask equals transformers' per-token loop, end tokens included."""
+    import torch
+    from transformers.models.idefics.processing_idefics import image_attention_mask_for_packed_input_ids
+
+    from model_server.encoding import latest_image_index
+    from tests.tiny_idefics import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    image_id, eos_id = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(0)
+    # Mostly ordinary tokens, with images and end tokens sprinkled in (runs of both, at both ends).
+    choices = torch.tensor([5, 6, 7, 8, image_id, image_id, eos_id])
+    for length in (1, 2, 7, 40):
+        ids = choices[torch.randint(len(choices), (64, length), generator=generator)]
+        expected, _ = image_attention_mask_for_packed_input_ids(ids.clone(), tokenizer, "pt")
+        assert torch.equal(latest_image_index(ids, image_id, eos_id), expected)
