@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model_server.config import ModelConfig
 from model_server.encoding import encode, encode_texts, preprocess_images
 from model_server.loading import LoadedModel
 from model_server.prompt import prompt_text
-from model_server.running_batch import RowState, RunningBatch, new_generator
+from model_server.running_batch import RowState, RunningBatch, new_cache, new_generator
 from model_server.streaming import TextAssembler, cut_at_stop
 from model_server.types import FinishReason, Prompt
 from model_server.vision_cache import VisionCache, image_key
@@ -158,7 +158,7 @@ class LocalEngine:
         prompts = [r.prompt for r in rows]
         enc = encode(self.processor, prompts, pixels=False).to(self.loaded.device, self.loaded.dtype)
         features = self._image_features([p.images for p in prompts], enc.image_attention_mask.shape[-1])
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         out = self.forward(
             input_ids=enc.input_ids, attention_mask=enc.attention_mask, image_attention_mask=enc.image_attention_mask,
             cache=cache, use_cache=True, logits_to_keep=1, **{self._feature_arg: features.flatten(0, 1)},
