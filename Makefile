@@ -32,7 +32,10 @@ run: $(STAMP)
 test-postgres: $(STAMP)
 	tests/postgres/with-postgres.sh $(MAKE) test
 
+# CPU benchmarks (tiny model); bench/gpu.py needs a CUDA GPU and is run by hand.
 bench: $(STAMP)
+	$(PY) bench/executor.py
+	$(PY) bench/overhead.py
 	$(PY) bench/batching.py
 
 clean:
