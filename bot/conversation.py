@@ -239,11 +239,20 @@ class Conversation:
             await self._mark(request, "failed")
             await sink.failed(INTERNAL_ERROR)
             return None
-        # The answer is out: mark the request answered even if its text cannot be stored, so a
-        # restart never answers it a second time.
+        await self.store_answer(request, reply)
+        log.info("request %s answered: %d chars, %s, %.2fs", request.platform_id, len(text),
+                 result.finish_reason.value, time.monotonic() - started)
+        return reply
+
+    async def store_answer(self, request: StoredMessage, reply: Reply | None) -> None:
+        """After delivery: store the answer as the assistant turn (if one was sent), mark the request answered.
+
+        Both in one transaction when they can be. The answer is out: the request is marked answered even if its
+        text cannot be stored, so a restart never answers it a second time.
+        """
         if reply is not None:
             try:
-                await self.store.append_message(NewMessage(
+                stored = await self.store.append_answer(NewMessage(
                     platform_id=reply.platform_id, channel_key=request.channel_key, role="assistant",
                     author_id=self.assistant_id, author_name=self.assistant_name, text=reply.text,
                     reply_to=request.platform_id,
@@ -251,10 +260,13 @@ class Conversation:
             except StorageError:
                 log.warning("answer %s to request %s delivered but not stored", reply.platform_id,
                             request.platform_id)
+            else:
+                if stored is not None:  # marked "answered" with it
+                    self._owed.pop(request.platform_id, None)
+                    if self._owed:
+                        await self.settle_owed_states()
+                    return
         await self._mark(request, "answered")
-        log.info("request %s answered: %d chars, %s, %.2fs", request.platform_id, len(text),
-                 result.finish_reason.value, time.monotonic() - started)
-        return reply
 
     async def _mark(self, request: StoredMessage, state: str) -> None:
         self._owed[request.platform_id] = state

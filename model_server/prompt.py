@@ -163,6 +163,7 @@ def finish_items(parts: Sequence[PromptItem]) -> tuple[PromptItem, ...]:
 
 
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_STRINGS))
+_NON_ASCII_BYTES = bytes(range(0x80, 0x100))
 
 
 def estimate_tokens(text: str) -> int:
@@ -174,8 +175,11 @@ def estimate_tokens(text: str) -> int:
     """
     specials = len(_SPECIAL_RE.findall(text))
     rest = _SPECIAL_RE.sub("", text)
-    ascii_chars = sum(1 for ch in rest if ch.isascii())
-    other_bytes = sum(len(ch.encode("utf-8")) for ch in rest if not ch.isascii())
+    # Counted in C, not character by character (this runs on every prompt rendered without a tokenizer):
+    # in UTF-8 an ASCII character is one byte below 0x80, and every byte of any other character is 0x80 or more.
+    encoded = rest.encode("utf-8")
+    ascii_chars = len(encoded.translate(None, _NON_ASCII_BYTES))
+    other_bytes = len(encoded) - ascii_chars
     return specials + -(-ascii_chars // 3) + other_bytes
 
 

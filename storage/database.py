@@ -22,6 +22,7 @@ from alembic.config import Config
 from sqlalchemy import URL, Connection, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import PoolResetState
 
 from storage.errors import DatabaseUnavailable
 from storage.store import DEFAULT_MAX_IMAGE_BYTES, Store
@@ -127,7 +128,9 @@ def _create_engine(url: URL, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> 
         connect_args["timeout"] = CONNECT_TIMEOUT_S
     try:
         # The driver (aiosqlite, asyncpg) is imported here, on demand: a SQLite install needs no asyncpg.
-        engine = create_async_engine(url, pool_pre_ping=not is_sqlite, connect_args=connect_args)
+        # SQLite: the pool's own reset (an unconditional ROLLBACK) is replaced by `_reset_sqlite`.
+        engine = create_async_engine(url, pool_pre_ping=not is_sqlite, connect_args=connect_args,
+                                     pool_reset_on_return=None if is_sqlite else "rollback")
     except ImportError as exc:
         raise DatabaseUnavailable(
             f"database driver for {url.drivername} is not installed: {exc}",
@@ -135,6 +138,7 @@ def _create_engine(url: URL, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> 
         ) from exc
     if is_sqlite:
         event.listen(engine.sync_engine, "connect", functools.partial(_set_sqlite_pragmas, busy_timeout_ms))
+        event.listen(engine.sync_engine, "reset", _reset_sqlite)
     return engine
 
 
@@ -157,6 +161,21 @@ def _set_sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: An
             cursor.execute(pragma)
     finally:
         cursor.close()
+
+
+def _reset_sqlite(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+    """A SQLite connection back in the pool: roll back only if it is still in a transaction.
+
+    The pool's usual reset is a ROLLBACK on every return, and on aiosqlite each one is a trip to the
+    connection's thread: one per store call (two per message handled, and more), almost always for nothing,
+    since the session has already committed or rolled back. SQLite says whether a transaction is open
+    (`in_transaction`, read without a trip); a connection left in one is rolled back as before.
+    """
+    if state.terminate_only or not state.asyncio_safe:
+        return  # the pool closes this connection instead, which ends any transaction
+    driver = getattr(record, "driver_connection", None)
+    if driver is None or driver.in_transaction:
+        dbapi_connection.rollback()
 
 
 async def _migrate(engine: AsyncEngine) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from storage.channel_settings import validate_setting
 from storage.errors import ImageTooLarge, InvalidMessage, StorageError
 from storage.models import Channel, Image, Message, MessageImage
-from storage.queries import chunks, insert_for, window_statement, with_images
+from storage.queries import chunks, insert_for, window_images_statement, window_rows_statement, with_images
 from storage.records import (
     REQUEST_STATES,
     ROLES,
@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_INSERT_ROUNDS = 5
 """Attempts at storing a message's images while other processes keep deleting the same ones as orphans."""
+
+_SETTINGS_COLUMNS = (Channel.answer_mode, Channel.record_mode, Channel.system_prompt, Channel.max_new_tokens,
+                     Channel.temperature, Channel.decoding)
+"""A channel's settings, named as the fields of `ChannelSettings`."""
+
+CHANNEL_ID_CACHE = 100_000
+"""Most channel ids a store keeps in memory (a few MB at most); past it the cache is emptied and refills."""
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """Matches the bot's default `MAX_IMAGE_BYTES`; `open_database()` takes the configured value."""
@@ -61,6 +68,10 @@ class Store:
     ) -> None:
         self._sessions = sessions
         self._dialect = dialect_name
+        self._channel_ids: dict[str, int] = {}
+        """Channel key -> row id, for channel rows known to be committed. Channel rows are never deleted
+        (clearing a channel deletes its messages, not its row) and ids never change, so a cached id stays
+        right for every process sharing the database; it saves an append two statements."""
         self._max_image_bytes = max_image_bytes
         self.lock_retries = lock_retries
         """Attempts after the first when a write finds the database locked; then `DatabaseBusy`."""
@@ -87,12 +98,27 @@ class Store:
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts())
 
+    async def append_answer(self, msg: NewMessage) -> StoredMessage | None:
+        """Store an assistant's answer and mark the request it answers (`msg.reply_to`) "answered", together.
+
+        One transaction, one commit, where `append_message` and `set_request_state` take two: this runs for
+        every answer. None (nothing stored, nothing marked) if the answer's platform id is known already.
+        """
+        if msg.role != "assistant" or msg.reply_to is None:
+            raise InvalidMessage(f"platform_id={msg.platform_id}: an answer is an assistant message with reply_to")
+        self._check(msg)
+        created_at = msg.created_at or datetime.now(UTC)
+        hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
+        return await self._append(msg, created_at, hashes, _AppendAttempts(), answered=msg.reply_to)
+
     @retry_when_disconnected("idempotent")
     @retry_when_locked
     async def _append(self, msg: NewMessage, created_at: datetime, hashes: list[str],
-                      attempts: _AppendAttempts) -> StoredMessage | None:
+                      attempts: _AppendAttempts, answered: str | None = None) -> StoredMessage | None:
         async with self._sessions() as session:
-            channel_id = await self._ensure_channel(session, msg.channel_key)
+            channel_id = self._channel_ids.get(msg.channel_key)
+            if channel_id is None:
+                channel_id = await self._ensure_channel(session, msg.channel_key)
             inserted = await session.execute(
                 insert_for(self._dialect, Message)
                 .values(
@@ -131,11 +157,19 @@ class Store:
                         ]
                     )
                 )
+            if answered is not None:
+                await session.execute(
+                    update(Message)
+                    .where(Message.platform_id == answered)
+                    .values(request_state="answered")
+                    .execution_options(synchronize_session=False)
+                )
             try:
                 await commit(session)
             except CommitInDoubt:
                 attempts.commit_lost = True
                 raise
+        self._remember_channel(msg.channel_key, channel_id)
         log.debug(
             "stored message id=%d platform_id=%s channel=%s role=%s text_len=%d images=%d image_bytes=%d",
             message_id,
@@ -303,14 +337,20 @@ class Store:
         """The last `limit` messages of a channel, oldest first, with their images.
 
         `before_id`: only messages older than that id, i.e. the history as a request saw it when it
-        arrived. Two queries (messages, then all their images); the first reads `limit` index entries
-        whatever the length of the channel's history.
+        arrived. Two queries (messages, then their images), which read `limit` index entries and the
+        images of those messages by key, whatever the length of the channel's history.
         """
         if limit <= 0:
             return []
+        params: dict[str, Any] = {"channel_key": channel_key, "limit": limit}
+        if before_id is not None:
+            params["before_id"] = before_id
+        images: list[Any] = []
         async with self._sessions() as session:
-            rows = (await session.scalars(with_images(window_statement(channel_key, limit, before_id)))).all()
-        return [_stored(row, channel_key) for row in reversed(rows)]
+            rows = (await session.execute(window_rows_statement(before=before_id is not None), params)).all()
+            for part in chunks([row[0] for row in rows]):
+                images.extend((await session.execute(window_images_statement(), {"message_ids": part})).all())
+        return _window(rows, images, channel_key)
 
     @retry_when_disconnected("read")
     async def get_message(self, platform_id: str) -> StoredMessage | None:
@@ -346,10 +386,14 @@ class Store:
 
     @retry_when_disconnected("read")
     async def channel_settings(self, channel_key: str) -> ChannelSettings:
-        """The channel's own settings; all None (defaults) for a channel never seen."""
+        """The channel's own settings; all None (defaults) for a channel never seen.
+
+        Read for every message (twice: the trigger decision, then the prompt), so as plain columns: an ORM
+        object would cost more than the query.
+        """
         async with self._sessions() as session:
-            channel = await session.scalar(select(Channel).where(Channel.key == channel_key))
-        return ChannelSettings() if channel is None else _settings(channel)
+            row = (await session.execute(select(*_SETTINGS_COLUMNS).where(Channel.key == channel_key))).first()
+        return ChannelSettings() if row is None else ChannelSettings(**row._asdict())
 
     @retry_when_disconnected("idempotent")  # sets fixed values and reads them back
     @retry_when_locked
@@ -371,6 +415,7 @@ class Store:
             channel = await session.scalar(select(Channel).where(Channel.id == channel_id))
             await commit(session)
         assert channel is not None
+        self._remember_channel(channel_key, channel_id)
         log.info("channel=%s settings changed: %s", channel_key, sorted(values))
         return _settings(channel)
 
@@ -388,6 +433,13 @@ class Store:
         for blob in msg.images:
             if len(blob.data) > self._max_image_bytes:
                 raise ImageTooLarge(len(blob.data), self._max_image_bytes)
+
+    def _remember_channel(self, channel_key: str, channel_id: int) -> None:
+        """Cache a committed channel row's id (bounded: past the bound the cache starts again, empty)."""
+        if channel_key not in self._channel_ids:
+            if len(self._channel_ids) >= CHANNEL_ID_CACHE:
+                self._channel_ids.clear()
+            self._channel_ids[channel_key] = channel_id
 
     async def _ensure_channel(self, session: AsyncSession, channel_key: str) -> int:
         # Insert-or-ignore first, then read: race-free without catching IntegrityError, and on SQLite the
@@ -542,7 +594,7 @@ def _stored(row: Message, channel_key: str) -> StoredMessage:
         text=row.text,
         created_at=row.created_at,
         reply_to=row.reply_to,
-        request_state=cast(RequestState | None, row.request_state),
+        request_state=cast("RequestState | None", row.request_state),
         images=tuple(
             StoredImage(
                 sha256=link.image.sha256,
@@ -554,6 +606,37 @@ def _stored(row: Message, channel_key: str) -> StoredMessage:
             for link in row.image_links
         ),
     )
+
+
+def _window(rows: Sequence[Any], image_rows: Sequence[Any], channel_key: str) -> list[StoredMessage]:
+    """Rows of `window_rows_statement` (newest first) and `window_images_statement` -> messages, oldest first.
+
+    Rows are unpacked by position, in the statements' column order: this runs for every message, and reading
+    columns by name costs several times more.
+    """
+    images: dict[int, list[tuple[int, StoredImage]]] = {}
+    for message_id, position, sha256, mime, width, height, data in image_rows:
+        images.setdefault(message_id, []).append(
+            (position, StoredImage(sha256=sha256, mime=mime, width=width, height=height, data=data))
+        )
+    messages = []
+    for row in reversed(rows):
+        message_id, platform_id, role, author_id, author_name, text, created_at, reply_to, request_state = row
+        linked = sorted(images.get(message_id, ()), key=lambda pair: pair[0])
+        messages.append(StoredMessage(
+            id=message_id,
+            platform_id=platform_id,
+            channel_key=channel_key,
+            role=role,
+            author_id=author_id,
+            author_name=author_name,
+            text=text,
+            created_at=created_at,
+            reply_to=reply_to,
+            request_state=request_state,
+            images=tuple(image for _, image in linked),
+        ))
+    return messages
 
 
 def _settings(channel: Channel) -> ChannelSettings:

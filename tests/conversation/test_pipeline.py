@@ -184,6 +184,10 @@ async def test_a_state_that_could_not_be_written_is_written_later(conversation: 
             raise DatabaseUnavailable("server restarting")
         return await real(platform_id, state)
 
+    async def away(msg):  # storing the answer (which marks the request too) fails first
+        raise DatabaseUnavailable("server restarting")
+
+    monkeypatch.setattr(store, "append_answer", away)
     monkeypatch.setattr(store, "set_request_state", flaky)
     await conversation.handle(message("m1", "first"), RecordingSink("r1"))
     assert (await store.get_message("m1")).request_state == "pending"

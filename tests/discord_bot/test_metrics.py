@@ -128,7 +128,7 @@ async def test_metrics_move_when_a_mention_is_answered(running_bot: RunningBot) 
     assert total(after, "idefics_model_errors_total") == 0
     assert after["idefics_gpu_memory_allocated_bytes"].type == "gauge"  # no samples without CUDA
     assert {s.labels["result"] for s in after["idefics_vision_cache_lookups"].samples} == {"hit", "miss"}
-    assert total(after, "idefics_vision_cache_lookups_total") >= 0 and after["idefics_vision_cache_bytes"].type == "gauge"
+    assert after["idefics_vision_cache_bytes"].type == "gauge"
     assert value(after, "idefics_requests_refused_total") == 0
     # Nothing users wrote becomes a label.
     assert SECRET_PHRASE not in text and str(world.member.id) not in text

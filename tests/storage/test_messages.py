@@ -218,3 +218,54 @@ async def test_request_states_and_pending_requests(store: Store) -> None:
     assert await store.claim_request("old", "failed") is False  # claimed once: a second claim loses
     assert (await store.get_message("old")).request_state == "failed"  # type: ignore[union-attr]
     assert [m.platform_id for m in await store.pending_requests(old)] == ["new"]
+
+
+async def test_answer_is_stored_and_its_request_marked_answered_together(store: Store) -> None:
+    await store.append_message(message("q1", request_state="pending"))
+
+    answer = await store.append_answer(reply("a1", to="q1", text="an answer"))
+
+    assert answer is not None and answer == await store.get_message("a1")
+    assert (await store.get_message("q1")).request_state == "answered"  # type: ignore[union-attr]
+    # A repeated answer id stores nothing and marks nothing (the caller marks the request itself).
+    await store.append_message(message("q2", request_state="pending"))
+    assert await store.append_answer(reply("a1", to="q2")) is None
+    assert (await store.get_message("q2")).request_state == "pending"  # type: ignore[union-attr]
+    with pytest.raises(InvalidMessage):
+        await store.append_answer(message("u1", reply_to="q2"))  # not an assistant message
+    with pytest.raises(InvalidMessage):
+        await store.append_answer(message("a2", author="bot", role="assistant"))  # answers nothing
+
+
+async def test_window_reads_every_field_and_image_as_get_message_does(store: Store) -> None:
+    at = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
+    await store.append_message(message("1", images=(RED, GREEN, RED), created_at=at, request_state="pending"))
+    await store.append_message(reply("2", to="1", text="two"))
+    await store.append_message(message("3", author="42", images=(BLUE,), request_state="failed"))
+    await store.append_message(message("4"))
+
+    window = await store.recent_window("100", 10)
+
+    assert window == [await store.get_message(platform_id) for platform_id in ("1", "2", "3", "4")]
+    assert [len(m.images) for m in window] == [3, 0, 1, 0]
+    assert [image.data for image in window[0].images] == [RED.data, GREEN.data, RED.data]
+    assert window[0].created_at == at and window[0].created_at.tzinfo == UTC
+
+
+async def test_channels_made_by_another_store_or_undone_by_a_duplicate(database_url: str, store: Store) -> None:
+    # A store remembers the ids of the channel rows it has seen committed; another process's store (here a
+    # second database object) finds the same rows, and a channel row dropped with a duplicate is not remembered.
+    from storage import open_database
+
+    await store.append_message(message("1"))
+    async with open_database(database_url) as other:
+        assert await other.store.append_message(message("2")) is not None
+        assert await other.store.append_message(message("3", channel="200")) is not None
+    assert await store.append_message(message("4")) is not None
+    assert await store.append_message(message("5", channel="200")) is not None
+    assert [m.platform_id for m in await store.recent_window("100", 10)] == ["1", "2", "4"]
+    assert [m.platform_id for m in await store.recent_window("200", 10)] == ["3", "5"]
+
+    assert await store.append_message(message("1", channel="300")) is None  # its new channel row rolled back
+    assert await store.append_message(message("6", channel="300")) is not None
+    assert [m.platform_id for m in await store.recent_window("300", 10)] == ["6"]

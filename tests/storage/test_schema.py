@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
+from sqlalchemy.util import greenlet_spawn
 
 from storage import Database, DatabaseUnavailable, open_database
 from storage.database import alembic_config
@@ -45,6 +46,28 @@ async def test_sqlite_pragmas_on_every_connection(sqlite_database: Database) -> 
             assert await connection.scalar(text("PRAGMA foreign_keys")) == 1
             assert await connection.scalar(text("PRAGMA busy_timeout")) == 5000
             assert await connection.scalar(text("PRAGMA synchronous")) == 1  # NORMAL
+
+
+async def test_sqlite_connection_returned_inside_a_transaction_is_rolled_back(sqlite_database: Database) -> None:
+    # The pool's reset rolls back only connections still in a transaction (`_reset_sqlite`): one handed back
+    # half-way through a write must not carry that write into the next store call, which would commit it.
+    engine = sqlite_database.engine
+
+    def write_and_hand_back() -> bool:
+        raw = engine.sync_engine.raw_connection()
+        cursor = raw.cursor()
+        cursor.execute("INSERT INTO channels (key, created_at) VALUES ('left-open', '2024-01-01 00:00:00')")
+        cursor.close()
+        in_transaction = bool(raw.driver_connection.in_transaction)  # type: ignore[union-attr]
+        raw.close()  # back to the pool without COMMIT or ROLLBACK
+        return in_transaction
+
+    assert await greenlet_spawn(write_and_hand_back)
+    stored = await sqlite_database.store.append_message(message("1", channel="after"))  # commits its connection
+    assert stored is not None
+    async with engine.connect() as connection:
+        keys = (await connection.scalars(text("SELECT key FROM channels ORDER BY key"))).all()
+    assert keys == ["after"]
 
 
 async def test_parent_folder_of_the_sqlite_file_is_created(tmp_path: Path) -> None:
