@@ -6,7 +6,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import BindParameter, Integer, Select, String, bindparam, select
+from sqlalchemy import BindParameter, Integer, Select, String, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import selectinload
 
@@ -54,27 +54,54 @@ def window_rows_statement(before: bool = False) -> Select[Any]:
 
 
 @functools.cache
-def window_images_statement() -> Select[Any]:
-    """The images of some messages (bind `message_ids`, at most `CHUNK` of them), as plain columns in the order
-    `storage.store._window` unpacks them; in no stated order (the caller sorts by position).
+def window_with_images_statement(before: bool = False) -> Select[Any]:
+    """`window_rows_statement` with each message's images, in one statement (one round trip for the window,
+    which is read for every message): a row per image, or one with empty image columns for a message without.
 
-    Looked up by message id in a statement of its own, not joined to the window, and the images joined with a
-    LEFT join (every link has its image, so the rows are the same): both fix the order, links first, so every
-    database reads the links' primary key (`message_id, position`) for these messages, then each image by its
-    key. Otherwise PostgreSQL's planner may start from the images, or hash-join a scan of all links, and
-    read every link of a picture posted many times.
+    The columns come in the order `storage.store._window` unpacks them; bind as for `window_rows_statement`.
+    No ORDER BY: the caller orders rows by message id and image position, so the database sorts nothing. The
+    window is a subquery and the links and images are LEFT joined to it, which fixes the order of the joins:
+    every database reads the window's rows by index, then the links' primary key (`message_id, position`) for
+    those messages, then each image by its key, however many links and images it holds.
     """
+    window = window_rows_statement(before).subquery("window")
     return (
-        select(MessageImage.message_id, MessageImage.position, Image.sha256, Image.mime, Image.width,
-               Image.height, Image.data)
+        select(window, MessageImage.position, Image.sha256, Image.mime, Image.width, Image.height, Image.data)
+        .select_from(window)
+        .outerjoin(MessageImage, MessageImage.message_id == window.c.id)
         .outerjoin(Image, Image.id == MessageImage.image_id)
-        .where(MessageImage.message_id.in_(bindparam("message_ids", expanding=True)))
     )
 
 
 def with_images(statement: Select[Any]) -> Select[Any]:
     """Load the messages' images in one more query (links joined to images), never one per message."""
     return statement.options(selectinload(Message.image_links).joinedload(MessageImage.image))
+
+
+MESSAGE_COLUMNS = ("platform_id", "channel_id", "role", "author_id", "author_name", "text", "created_at",
+                   "reply_to", "request_state")
+"""What `message_insert_statement` binds, each as `m_<column>`."""
+
+
+@functools.cache
+def message_insert_statement(dialect_name: str) -> Any:
+    """INSERT of one message (nothing on a duplicate platform id), returning its id; bind `m_<column>` for each of
+    `MESSAGE_COLUMNS`. Built once: this runs for every message, and building it costs more than running it."""
+    table = Message.__table__
+    return (
+        insert_for(dialect_name, table)
+        .values({name: bindparam(f"m_{name}", type_=table.c[name].type) for name in MESSAGE_COLUMNS})
+        .on_conflict_do_nothing(index_elements=[table.c.platform_id])
+        .returning(table.c.id)
+    )
+
+
+@functools.cache
+def mark_answered_statement() -> Any:
+    """Mark the request with platform id `answered` (bound) answered; built once, it runs for every answer."""
+    table = Message.__table__
+    return (update(table).where(table.c.platform_id == bindparam("answered", type_=String))
+            .values(request_state="answered"))
 
 
 def insert_for(dialect_name: str, table: Any) -> Any:

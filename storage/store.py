@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from storage.channel_settings import validate_setting
 from storage.errors import ImageTooLarge, InvalidMessage, StorageError
 from storage.models import Channel, Image, Message, MessageImage
-from storage.queries import chunks, insert_for, window_images_statement, window_rows_statement, with_images
+from storage.queries import (
+    chunks,
+    insert_for,
+    mark_answered_statement,
+    message_insert_statement,
+    window_with_images_statement,
+    with_images,
+)
 from storage.records import (
     REQUEST_STATES,
     ROLES,
@@ -47,6 +55,10 @@ _SETTINGS_COLUMNS = (Channel.answer_mode, Channel.record_mode, Channel.system_pr
 
 CHANNEL_ID_CACHE = 100_000
 """Most channel ids a store keeps in memory (a few MB at most); past it the cache is emptied and refills."""
+
+SETTINGS_CACHE_S = 5.0
+"""How long a store trusts a channel's settings it read. Its own changes apply at once; a change made by another
+process sharing the database (each Discord channel belongs to one shard, so to one process) within this time."""
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """Matches the bot's default `MAX_IMAGE_BYTES`; `open_database()` takes the configured value."""
@@ -72,6 +84,13 @@ class Store:
         """Channel key -> row id, for channel rows known to be committed. Channel rows are never deleted
         (clearing a channel deletes its messages, not its row) and ids never change, so a cached id stays
         right for every process sharing the database; it saves an append two statements."""
+        self._settings: dict[str, tuple[float, ChannelSettings]] = {}
+        """Channel key -> (time read, settings): read for every message twice (whether to answer, then the
+        prompt), changed rarely and only through `update_channel_settings`."""
+        self._settings_version = 0
+        self.clock = time.monotonic
+        """Seconds for `SETTINGS_CACHE_S` (tests move it on)."""
+        """Bumped by every settings change, so a read that raced with one does not cache what it read."""
         self._max_image_bytes = max_image_bytes
         self.lock_retries = lock_retries
         """Attempts after the first when a write finds the database locked; then `DatabaseBusy`."""
@@ -119,22 +138,12 @@ class Store:
             channel_id = self._channel_ids.get(msg.channel_key)
             if channel_id is None:
                 channel_id = await self._ensure_channel(session, msg.channel_key)
-            inserted = await session.execute(
-                insert_for(self._dialect, Message)
-                .values(
-                    platform_id=msg.platform_id,
-                    channel_id=channel_id,
-                    role=msg.role,
-                    author_id=msg.author_id,
-                    author_name=msg.author_name,
-                    text=msg.text,
-                    created_at=created_at,
-                    reply_to=msg.reply_to,
-                    request_state=msg.request_state,
-                )
-                .on_conflict_do_nothing(index_elements=[Message.platform_id])
-                .returning(Message.id)
-            )
+            values = {
+                "m_platform_id": msg.platform_id, "m_channel_id": channel_id, "m_role": msg.role,
+                "m_author_id": msg.author_id, "m_author_name": msg.author_name, "m_text": msg.text,
+                "m_created_at": created_at, "m_reply_to": msg.reply_to, "m_request_state": msg.request_state,
+            }
+            inserted = await session.execute(message_insert_statement(self._dialect), values)
             message_id = inserted.scalar_one_or_none()
             if message_id is None:
                 await session.rollback()  # also drops a channel row created just now
@@ -158,12 +167,7 @@ class Store:
                     )
                 )
             if answered is not None:
-                await session.execute(
-                    update(Message)
-                    .where(Message.platform_id == answered)
-                    .values(request_state="answered")
-                    .execution_options(synchronize_session=False)
-                )
+                await session.execute(mark_answered_statement(), {"answered": answered})
             try:
                 await commit(session)
             except CommitInDoubt:
@@ -345,12 +349,9 @@ class Store:
         params: dict[str, Any] = {"channel_key": channel_key, "limit": limit}
         if before_id is not None:
             params["before_id"] = before_id
-        images: list[Any] = []
         async with self._sessions() as session:
-            rows = (await session.execute(window_rows_statement(before=before_id is not None), params)).all()
-            for part in chunks([row[0] for row in rows]):
-                images.extend((await session.execute(window_images_statement(), {"message_ids": part})).all())
-        return _window(rows, images, channel_key)
+            rows = (await session.execute(window_with_images_statement(before=before_id is not None), params)).all()
+        return _window(rows, channel_key)
 
     @retry_when_disconnected("read")
     async def get_message(self, platform_id: str) -> StoredMessage | None:
@@ -384,16 +385,32 @@ class Store:
 
     # ------------------------------------------------------------------ channel settings
 
-    @retry_when_disconnected("read")
     async def channel_settings(self, channel_key: str) -> ChannelSettings:
         """The channel's own settings; all None (defaults) for a channel never seen.
 
-        Read for every message (twice: the trigger decision, then the prompt), so as plain columns: an ORM
-        object would cost more than the query.
+        Kept for `SETTINGS_CACHE_S` after a read, and replaced at once by this store's own changes.
         """
+        now = self.clock()
+        cached = self._settings.get(channel_key)
+        if cached is not None and now - cached[0] < SETTINGS_CACHE_S:
+            return cached[1]
+        version = self._settings_version
+        settings = await self._read_channel_settings(channel_key)
+        if version == self._settings_version:
+            self._cache_settings(channel_key, settings, now)
+        return settings
+
+    @retry_when_disconnected("read")
+    async def _read_channel_settings(self, channel_key: str) -> ChannelSettings:
+        # Plain columns: an ORM object would cost more than the query.
         async with self._sessions() as session:
             row = (await session.execute(select(*_SETTINGS_COLUMNS).where(Channel.key == channel_key))).first()
         return ChannelSettings() if row is None else ChannelSettings(**row._asdict())
+
+    def _cache_settings(self, channel_key: str, settings: ChannelSettings, read_at: float) -> None:
+        if channel_key not in self._settings and len(self._settings) >= CHANNEL_ID_CACHE:
+            self._settings.clear()
+        self._settings[channel_key] = (read_at, settings)
 
     @retry_when_disconnected("idempotent")  # sets fixed values and reads them back
     @retry_when_locked
@@ -403,6 +420,8 @@ class Store:
         Every value is checked before anything is written: one bad value changes nothing.
         """
         values = {name: validate_setting(name, value) for name, value in changes.items()}
+        self._settings_version += 1
+        self._settings.pop(channel_key, None)
         async with self._sessions() as session:
             channel_id = await self._ensure_channel(session, channel_key)
             if values:
@@ -417,7 +436,10 @@ class Store:
         assert channel is not None
         self._remember_channel(channel_key, channel_id)
         log.info("channel=%s settings changed: %s", channel_key, sorted(values))
-        return _settings(channel)
+        settings = _settings(channel)
+        self._settings_version += 1
+        self._cache_settings(channel_key, settings, self.clock())
+        return settings
 
     # ------------------------------------------------------------------ helpers
 
@@ -608,20 +630,24 @@ def _stored(row: Message, channel_key: str) -> StoredMessage:
     )
 
 
-def _window(rows: Sequence[Any], image_rows: Sequence[Any], channel_key: str) -> list[StoredMessage]:
-    """Rows of `window_rows_statement` (newest first) and `window_images_statement` -> messages, oldest first.
+def _window(rows: Sequence[Any], channel_key: str) -> list[StoredMessage]:
+    """Rows of `window_with_images_statement` (any order; one per image) -> messages, oldest first.
 
-    Rows are unpacked by position, in the statements' column order: this runs for every message, and reading
+    Rows are unpacked by position, in the statement's column order: this runs for every message, and reading
     columns by name costs several times more.
     """
+    fields: dict[int, tuple[Any, ...]] = {}
     images: dict[int, list[tuple[int, StoredImage]]] = {}
-    for message_id, position, sha256, mime, width, height, data in image_rows:
-        images.setdefault(message_id, []).append(
-            (position, StoredImage(sha256=sha256, mime=mime, width=width, height=height, data=data))
-        )
+    for row in rows:
+        message_id, position, sha256, mime, width, height, data = row[0], *row[9:]
+        fields[message_id] = row[:9]
+        if position is not None:
+            images.setdefault(message_id, []).append(
+                (position, StoredImage(sha256=sha256, mime=mime, width=width, height=height, data=data))
+            )
     messages = []
-    for row in reversed(rows):
-        message_id, platform_id, role, author_id, author_name, text, created_at, reply_to, request_state = row
+    for message_id in sorted(fields):
+        _, platform_id, role, author_id, author_name, text, created_at, reply_to, request_state = fields[message_id]
         linked = sorted(images.get(message_id, ()), key=lambda pair: pair[0])
         messages.append(StoredMessage(
             id=message_id,

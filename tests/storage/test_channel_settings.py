@@ -71,3 +71,24 @@ async def test_bad_values_change_nothing(store: Store, name: str, value: object)
 
     assert caught.value.user_message
     assert await store.channel_settings("100") == ChannelSettings(decoding="beam")
+
+
+async def test_settings_are_read_once_and_own_changes_apply_at_once(store: Store, database_url: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read for every message, so kept a few seconds; a change through this store is seen at once, one made by
+    another process sharing the database once the kept copy is older than `SETTINGS_CACHE_S`."""
+    import storage.store as store_module
+    from storage import open_database
+
+    assert (await store.channel_settings("300")).decoding is None
+    await store.update_channel_settings("300", decoding="sample")
+    assert (await store.channel_settings("300")).decoding == "sample"
+
+    clock = [1000.0]
+    monkeypatch.setattr(store, "clock", lambda: clock[0])
+    await store.update_channel_settings("300", decoding="beam")  # kept as read at the fake time
+    async with open_database(database_url) as other_process:
+        await other_process.store.update_channel_settings("300", decoding="greedy")
+    assert (await store.channel_settings("300")).decoding == "beam"
+    clock[0] += store_module.SETTINGS_CACHE_S + 0.1
+    assert (await store.channel_settings("300")).decoding == "greedy"
