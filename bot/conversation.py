@@ -11,7 +11,6 @@ concurrently and share the executor's batches.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from bot.decoded_images import DecodedImages
 from bot.images import CheckedImage
 from model_server.errors import Busy, ModelServerError
 from model_server.executor import Executor, RequestHandle
@@ -118,6 +118,7 @@ class Conversation:
         self.assistant_id = assistant_id
         self.assistant_name = assistant_name
         self._locks: dict[str, _ChannelTurn] = {}
+        self.images = DecodedImages()
         self._owed: dict[str, str] = {}
         """Request states that could not be written (database away): written with the next success, so an
         answered request is never left "pending" for a restart to answer again."""
@@ -169,7 +170,7 @@ class Conversation:
             images = []
             for stored in reversed(message.images):
                 if keep > 0:
-                    images.append(Image.open(io.BytesIO(stored.data)).convert("RGB"))
+                    images.append(self.images.get(stored))
                     keep -= 1
                 else:
                     images.append(Image.new("RGB", (1, 1)))

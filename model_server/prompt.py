@@ -328,13 +328,27 @@ def render_chat(
         stops = base.stop_strings if CHAT_STOP in base.stop_strings else (*base.stop_strings, CHAT_STOP)
         return Prompt(items=items, params=dataclasses.replace(base, stop_strings=stops))
 
-    # Oldest first: the first start that fits keeps the most history. Each window starts at a user turn.
-    for start, block in enumerate(blocks):
-        if block.role != "user":
-            continue
-        items = _layout(_cap_images(blocks[start:], max_images), instruct=instruct, system=system)
+    # The earliest start that fits keeps the most history; each window starts at a user turn. A later start
+    # renders fewer of the same turns, so whether it fits only changes once along the starts: after the whole
+    # window, a binary search, so a long window costs a few token counts, not one per turn.
+    starts = [start for start, block in enumerate(blocks) if block.role == "user"]
+
+    def from_start(index: int) -> tuple[PromptItem, ...]:
+        return _layout(_cap_images(blocks[starts[index]:], max_images), instruct=instruct, system=system)
+
+    items = from_start(0)
+    if fits(items):
+        return done(items)
+    found, lo, hi = None, 1, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        items = from_start(mid)
         if fits(items):
-            return done(items)
+            found, hi = items, mid
+        else:
+            lo = mid + 1
+    if found is not None:
+        return done(found)
 
     # The last user turn alone is too long: keep as much of its end as fits (binary search on characters).
     last = _cap_images(blocks[-1:], max_images)[0]

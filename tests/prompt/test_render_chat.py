@@ -232,6 +232,23 @@ def test_oldest_turns_are_dropped_first() -> None:
     assert text.startswith("<s>User:question 1")
 
 
+@pytest.mark.parametrize("keep", [1, 7, 30, 59])
+def test_a_long_window_keeps_the_most_history_that_fits_in_few_token_counts(keep: int) -> None:
+    turns = conversation(60)
+    # The budget of the window that starts at exchange `60 - keep`: exactly that much history fits.
+    budget = len(prompt_text(render_chat(turns[2 * (60 - keep):], instruct=True).items))
+    counted: list[str] = []
+
+    def counting(text: str) -> int:
+        counted.append(text)
+        return len(text)
+
+    prompt = render_chat(turns, instruct=True, count_tokens=counting, max_prompt_tokens=budget)
+    text = prompt_text(prompt.items)
+    assert text.startswith(f"<s>User:question {60 - keep}") and len(text) == budget
+    assert len(counted) <= 8  # the whole window, then a binary search over 61 starts; not one count per turn
+
+
 def test_only_the_last_user_turn_when_little_room() -> None:
     budget = len(f"<s>User:last question{EOU}\nAssistant:")
     prompt = render_chat(conversation(3), instruct=True, count_tokens=char_count, max_prompt_tokens=budget)
