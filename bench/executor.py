@@ -56,17 +56,44 @@ def make_prompts(count: int, seed: int = 0) -> list[Prompt]:
     return prompts
 
 
-async def throughput(loaded, config: ModelConfig, prompts: list[Prompt], repeats: int) -> dict[str, object]:
-    """Median tokens/s of `repeats` runs of all prompts submitted at once."""
-    async with Executor(LocalEngine.for_config(loaded, config), config, batch_window_s=0.01) as executor:
-        await executor.generate(prompts[0])  # warm-up
-        rates, texts = [], []
+class ExecutorRun:
+    """An executor kept open across repeats, so that each repeat measures the same warm thing."""
+
+    def __init__(self, loaded, config: ModelConfig) -> None:
+        self.executor = Executor(LocalEngine.for_config(loaded, config), config, batch_window_s=0.01)
+
+    async def once(self, prompts: list[Prompt]) -> tuple[float, list[str]]:
+        """Tokens/s of all prompts submitted at once, and the answers."""
+        started = time.perf_counter()
+        results = await asyncio.gather(*(self.executor.generate(p) for p in prompts))
+        seconds = time.perf_counter() - started
+        return sum(r.completion_tokens for r in results) / seconds, [r.text for r in results]
+
+
+async def throughput(loaded, configs: dict[str, ModelConfig], prompts: list[Prompt],
+                     repeats: int) -> dict[str, dict[str, object]]:
+    """Median tokens/s of each way over `repeats` rounds; the ways take turns within a round, so a slow
+    moment of the machine does not fall on one of them only."""
+    runs = {name: ExecutorRun(loaded, config) for name, config in configs.items()}
+    rates: dict[str, list[float]] = {name: [] for name in [*configs, "sequential"]}
+    texts: dict[str, list[str]] = {}
+    for run in runs.values():
+        run.executor.start()
+        await run.executor.generate(prompts[0])  # warm-up
+    sequential(loaded, prompts[:1])  # warm-up
+    try:
         for _ in range(repeats):
-            started = time.perf_counter()
-            results = await asyncio.gather(*(executor.generate(p) for p in prompts))
-            rates.append(sum(r.completion_tokens for r in results) / (time.perf_counter() - started))
-            texts = [r.text for r in results]
-        return {"tokens_per_s": statistics.median(rates), "texts": texts}
+            # On the calling thread, the way the guide runs it (the executors are idle meanwhile).
+            tokens, seconds = sequential(loaded, prompts)
+            rates["sequential"].append(tokens / seconds)
+            for name, run in runs.items():
+                rate, texts[name] = await run.once(prompts)
+                rates[name].append(rate)
+    finally:
+        for run in runs.values():
+            await run.executor.close()
+    return {name: {"tokens_per_s": statistics.median(values), "runs": [round(v, 1) for v in values],
+                   "texts": texts.get(name)} for name, values in rates.items()}
 
 
 async def first_token_behind_long(loaded, config: ModelConfig, long: Prompt, short: Prompt,
@@ -108,13 +135,12 @@ def main() -> None:
         loaded = load_model(base, progress=lambda line: print(line, file=sys.stderr))
         prompts = make_prompts(args.requests)
 
-        sequential(loaded, prompts[:1])  # warm-up
-        seq_tokens, seq_s = sequential(loaded, prompts)
-        print(f"sequential: {seq_tokens} tokens in {seq_s:.2f}s", file=sys.stderr)
-        dynamic = asyncio.run(throughput(loaded, static, prompts, args.repeats))
-        cont = asyncio.run(throughput(loaded, continuous, prompts, args.repeats))
-        print(f"dynamic {dynamic['tokens_per_s']:.0f} tok/s, continuous {cont['tokens_per_s']:.0f} tok/s",
-              file=sys.stderr)
+        rates = asyncio.run(throughput(loaded, {"dynamic": static, "continuous": continuous}, prompts,
+                                       args.repeats))
+        seq_rate = rates["sequential"]["tokens_per_s"]
+        dyn_rate, cont_rate = rates["dynamic"]["tokens_per_s"], rates["continuous"]["tokens_per_s"]
+        for name, rate in rates.items():
+            print(f"{name}: median {rate['tokens_per_s']:.0f} tokens/s, runs {rate['runs']}", file=sys.stderr)
 
         long = dataclasses.replace(make_prompts(2, seed=1)[1],
                                    params=GenerationParams(max_new_tokens=args.long_tokens))
@@ -124,8 +150,6 @@ def main() -> None:
         print(f"first token behind a {args.long_tokens}-token answer: static {ttft_static:.3f}s, "
               f"continuous {ttft_cont:.3f}s", file=sys.stderr)
 
-    seq_rate = seq_tokens / seq_s
-    cont_rate, dyn_rate = cont["tokens_per_s"], dynamic["tokens_per_s"]
     print(json.dumps({
         "requests": args.requests,
         "max_batch_size": args.max_batch_size,
@@ -135,7 +159,8 @@ def main() -> None:
         "continuous_tokens_per_s": round(cont_rate, 1),
         "continuous_vs_sequential": round(cont_rate / seq_rate, 2),
         "continuous_vs_dynamic": round(cont_rate / dyn_rate, 2),
-        "continuous_equals_dynamic": cont["texts"] == dynamic["texts"],
+        "continuous_equals_dynamic": rates["continuous"]["texts"] == rates["dynamic"]["texts"],
+        "runs_tokens_per_s": {name: rate["runs"] for name, rate in rates.items()},
         "long_tokens": args.long_tokens,
         "ttft_static_s": round(ttft_static, 4),
         "ttft_continuous_s": round(ttft_cont, 4),

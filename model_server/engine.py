@@ -146,11 +146,15 @@ class LocalEngine:
 
     # -- free generation -------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, rows: Sequence[Row]) -> None:
-        """Run `rows` together to their ends (no row joins on the way)."""
+    def generate(self, rows: Sequence[Row], after_step: Callable[[], None] | None = None) -> None:
+        """Run `rows` together to their ends (no row joins on the way); `after_step` after each model step."""
         batch = self.prefill(rows)
         while batch is not None:
+            if after_step is not None:
+                after_step()
             batch = self.step(batch)
+        if after_step is not None:
+            after_step()
 
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Row]) -> RunningBatch | None:

@@ -47,7 +47,7 @@ ERROR_KINDS = ("oom", "error", "timeout", "watchdog")
 class Engine(Protocol):
     """What the executor needs from a model: `engine.LocalEngine` is the in-process one."""
 
-    def generate(self, rows: Sequence) -> None: ...
+    def generate(self, rows: Sequence, after_step: Callable[[], None] | None = None) -> None: ...
     def prefill(self, rows: Sequence) -> Any: ...
     def step(self, batch: Any) -> Any: ...
     def beam_search(self, rows: Sequence) -> None: ...
@@ -193,6 +193,10 @@ class Executor:
         """Told each request's outcome (metrics): its `GenerationResult`, or the exception it failed with or
         was refused with at `submit` (`Busy`, ...); rank results are not reported. Called from the model
         thread, the watchdog or the event loop: must be quick and thread-safe."""
+        self._outbox: list[tuple[_Job, str]] = []
+        """Text deltas of the current step, handed to the event loops together (`_flush`): one wake-up of a loop
+        per step rather than one per row."""
+        self._outbox_lock = threading.Lock()
         self._progress_at = time.monotonic()
         """Last sign of life of the model thread (batch start, decode step, finished row)."""
         self._stuck_since: float | None = None
@@ -426,6 +430,7 @@ class Executor:
                         batch.join(joined)
             if batch is not None:
                 batch = self._step(batch, live)
+            self._flush()
             live = [(j, r) for j, r in live if not r.done and not j.settled]
             if batch is None:
                 live = []
@@ -546,7 +551,7 @@ class Executor:
             elif jobs[0].kind == "beam":
                 self.engine.beam_search(rows)
             else:
-                self.engine.generate(rows)
+                self.engine.generate(rows, after_step=self._flush)
         except Exception as exc:
             self._recover(jobs, rows, exc)
 
@@ -601,7 +606,20 @@ class Executor:
         self._beat()
         job.sent += delta
         if not job.settled:
-            job.post(job.deltas.put_nowait, delta)
+            with self._outbox_lock:
+                self._outbox.append((job, delta))
+
+    def _flush(self) -> None:
+        """Hand the deltas collected since the last flush to their event loops, in order."""
+        with self._outbox_lock:
+            pending, self._outbox = self._outbox, []
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, str]]] = {}
+            for job, delta in pending:
+                by_loop.setdefault(job.loop, []).append((job, delta))
+            for loop, items in by_loop.items():
+                # The loop may already be closed when a cancelled request finishes late; nobody waits then.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_deliver, items)
 
     def _complete(self, job: _Job, text: str, reason: FinishReason, prompt_tokens: int,
                   completion_tokens: int, first_token_at: float | None = None) -> None:
@@ -621,6 +639,7 @@ class Executor:
         log.info("request %d done: %s, %d+%d tokens, batch %d, %.2fs", job.id, reason.value, prompt_tokens,
                  completion_tokens, job.batch_size, result.total_s)
         self._observe(result)  # before the result is handed back: whoever awaits it sees it counted
+        self._flush()  # its last deltas go before the end of its stream
         job.post(resolve_job, job, result)
 
     def _record_latency(self, job: _Job) -> None:
@@ -633,6 +652,7 @@ class Executor:
         self._failed += 1
         log.warning("request %d failed: %s", job.id, exc)
         self._observe(exc)
+        self._flush()
         job.post(resolve_job, job, exc)
 
     def _observe(self, outcome: GenerationResult | Exception) -> None:
@@ -648,6 +668,12 @@ def notify_observers(observers: Sequence[Callable[[GenerationResult | Exception]
             observer(outcome)
         except Exception:
             log.exception("executor observer failed")
+
+
+def _deliver(items: list[tuple[Any, str]]) -> None:
+    """On an event loop: the text deltas of one step, to each job's stream."""
+    for job, delta in items:
+        job.deltas.put_nowait(delta)
 
 
 def resolve_job(job: Any, outcome: object) -> None:
