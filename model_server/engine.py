@@ -81,7 +81,8 @@ class LocalEngine:
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.processor.tokenizer
-        self._bad_ids = [ids[0] for ids in loaded.bad_words_ids]
+        # On the model's device once: indexing with a list would copy it there at every step.
+        self._bad_ids = torch.tensor([ids[0] for ids in loaded.bad_words_ids], dtype=torch.long, device=loaded.device)
         self._stop_ids = set(loaded.stop_token_ids)
         self.vision_cache = VisionCache(vision_cache_bytes)
         config = self.model.config
@@ -173,7 +174,7 @@ class LocalEngine:
             length = enc.prompt_lengths[i]
             states.append(RowState(
                 row=row,
-                assembler=TextAssembler(self._decode, params.stop_strings, row.sent),
+                assembler=TextAssembler(self._decode, params.stop_strings, row.sent, incremental=True),
                 prompt_ids=enc.input_ids[i, -length:].tolist() if params.repetition_penalty != 1.0 else [],
                 prompt_length=length,
                 generator=new_generator(self.loaded.device, params.seed) if params.decoding == "sample" else None,

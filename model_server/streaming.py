@@ -14,9 +14,16 @@ class TextAssembler:
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = (),
-                 already_sent: str = "") -> None:
+                 already_sent: str = "", *, incremental: bool = False) -> None:
         self._decode = decode
         self._stops = tuple(s for s in stop_strings if s)
+        self._incremental = incremental
+        """Decode only the newest few tokens each time (text-generation-inference's `decode_token`): the
+        text of the ids after `_prefix` minus the text of those up to `_read`. A token's text can depend on
+        the token before it (a leading space), never further back, so this is the full decode's text, at a
+        cost that does not grow with the answer. Needs `decode` to be a real tokenizer's."""
+        self._raw = ""
+        self._prefix = self._read = 0
         self.ids: list[int] = []
         self.sent = already_sent
         """Text handed out so far; a retried request starts from what its first attempt sent."""
@@ -28,13 +35,24 @@ class TextAssembler:
     def add(self, token_id: int) -> str:
         """Add one token; return the new text that is safe to show (maybe empty)."""
         self.ids.append(token_id)
-        raw = self._decode(self.ids)
+        raw = self._decoded()
         answer, self.stopped = cut_at_stop(raw, self._stops)
         if self.stopped:
             return self._emit(self._visible(answer).rstrip())
         safe = raw.rstrip("\ufffd")
         hold = self._held_suffix(safe)
         return self._emit(self._visible(safe[: len(safe) - hold] if hold else safe))
+
+    def _decoded(self) -> str:
+        """The text of all ids so far (up to a character still incomplete, when incremental)."""
+        if not self._incremental:
+            return self._decode(self.ids)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._raw += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._raw
 
     def _held_suffix(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from model_server.scheduler import Waiting, pick_batch, split_in_halves
 from model_server.streaming import TextAssembler, cut_at_stop
 
@@ -85,3 +88,58 @@ def test_pick_batch_empty_and_oversized_head():
 def test_split_in_halves():
     assert split_in_halves([1, 2, 3]) == [[1, 2], [3]]
     assert split_in_halves([1]) == [[1], []]
+
+
+def _llama_like_tokenizer():
+    """A sentencepiece-style tokenizer (▁ for spaces, byte fallback, leading space stripped), as LLaMA's."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    from tests.tiny_idefics import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", *bytes_], show_progress=False))
+    return tok
+
+
+def _codecs():
+    """(encode, decode) pairs of a byte-level BPE tokenizer (the tiny model's) and a sentencepiece-style one."""
+    from tests.tiny_idefics import build_tokenizer
+
+    byte_level = build_tokenizer()
+    llama_like = _llama_like_tokenizer()
+    return [
+        (lambda text: byte_level(text, add_special_tokens=False).input_ids,
+         lambda ids: byte_level.decode(ids, skip_special_tokens=True)),
+        # Its byte tokens (<0x..>) are special to the trainer but text to the decoder.
+        (lambda text: llama_like.encode(text).ids, lambda ids: llama_like.decode(ids, skip_special_tokens=False)),
+    ]
+
+
+CODECS = _codecs()
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.sampled_from([0, 1]), text=st.text(max_size=60),
+       stops=st.sampled_from([(), ("\nUser:",), ("the",)]))
+def test_incremental_decoding_gives_the_full_decodes_text(which: int, text: str, stops: tuple[str, ...]):
+    """Decoding only the newest tokens each step streams the same answer as decoding all of them, for any
+    text a model can write (emoji and other characters split over several byte tokens included)."""
+    encode, decode = CODECS[which]
+    ids = encode(text)
+    answers = []
+    for incremental in (False, True):
+        asm = TextAssembler(decode, stops, incremental=incremental)
+        deltas = []
+        for token in ids:
+            deltas.append(asm.add(token))
+            if asm.stopped:
+                break
+        deltas.append(asm.finish())
+        assert "".join(deltas) == asm.text
+        answers.append(asm.text)
+    assert answers[0] == answers[1]
