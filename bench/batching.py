@@ -46,6 +46,15 @@ def make_prompts(count: int, max_new_tokens: int) -> list[Prompt]:
     return prompts
 
 
+def model_or_tiny(model: str | None, tmp: Path) -> str:
+    """`model`, or a fresh tiny IDEFICS built in `tmp` when none is given."""
+    if model is not None:
+        return model
+    from tests.tiny_idefics import build_tiny_idefics
+
+    return str(build_tiny_idefics(tmp / "tiny"))
+
+
 def sequential(loaded, prompts: list[Prompt]) -> tuple[int, float]:
     """The guide's way: one prompt, one `model.generate`, one after the other."""
     import torch
@@ -98,11 +107,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from tests.tiny_idefics import build_tiny_idefics
-
-            model = str(build_tiny_idefics(Path(tmp) / "tiny"))
+        model = model_or_tiny(args.model, Path(tmp))
         config = ModelConfig(model=model, device=args.device, max_batch_size=args.requests,
                              max_queue=args.requests * 2)
         loaded = load_model(config, progress=lambda line: print(line, file=sys.stderr))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from PIL import Image
 
-from bench.batching import QUESTIONS, sequential
+from bench.batching import QUESTIONS, model_or_tiny, sequential
 from model_server.config import ModelConfig
 from model_server.engine import LocalEngine
 from model_server.executor import Executor
@@ -123,11 +123,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from tests.tiny_idefics import build_tiny_idefics
-
-            model = str(build_tiny_idefics(Path(tmp) / "tiny"))
+        model = model_or_tiny(args.model, Path(tmp))
         base = ModelConfig(model=model, device=args.device, max_batch_size=args.max_batch_size,
                            max_queue=args.requests * 2, vision_cache_mb=0)
         static = dataclasses.replace(base, batching="static")

@@ -290,28 +290,19 @@ def measure_bandwidth(device, nbytes: int, repeats: int = 10) -> float:
     return 2 * nbytes * repeats / seconds
 
 
+_PARTS = (("model.layers.", "decoder_layers"), ("model.gated_cross_attn_layers.", "gated_cross_attn_layers"),
+          ("model.norm.", "final_norm"), ("lm_head.", "lm_head"), ("model.embed_tokens.", "not_read_embed_tokens"),
+          ("model.vision_model.", "not_read_vision_model"), ("model.perceiver_resampler.", "not_read_perceiver"))
+"""Parameter name prefix -> the part of the model it belongs to."""
+
+
 def weight_bytes_per_step(model) -> tuple[int, dict[str, int]]:
     """Parameter bytes one decode step reads, and a breakdown by part (counted and not counted)."""
     parts = {"decoder_layers": 0, "gated_cross_attn_layers": 0, "final_norm": 0, "lm_head": 0,
              "not_read_embed_tokens": 0, "not_read_vision_model": 0, "not_read_perceiver": 0, "other": 0}
     for name, param in model.named_parameters():  # each shared parameter once
-        size = param.numel() * param.element_size()
-        if name.startswith("model.layers."):
-            parts["decoder_layers"] += size
-        elif name.startswith("model.gated_cross_attn_layers."):
-            parts["gated_cross_attn_layers"] += size
-        elif name.startswith("model.norm."):
-            parts["final_norm"] += size
-        elif name.startswith("lm_head."):
-            parts["lm_head"] += size
-        elif name.startswith("model.embed_tokens."):
-            parts["not_read_embed_tokens"] += size
-        elif name.startswith("model.vision_model."):
-            parts["not_read_vision_model"] += size
-        elif name.startswith("model.perceiver_resampler."):
-            parts["not_read_perceiver"] += size
-        else:
-            parts["other"] += size
+        part = next((part for prefix, part in _PARTS if name.startswith(prefix)), "other")
+        parts[part] += param.numel() * param.element_size()
     counted = parts["decoder_layers"] + parts["gated_cross_attn_layers"] + parts["final_norm"] + parts["lm_head"]
     return counted, parts
 
