@@ -145,7 +145,7 @@ class BatchSizes:
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             cumulative.append((_bound_text(bound), running))
-        return HistogramMetricFamily("idefics_batch_size", "Requests per batch, per batch the model ran.",
+        return HistogramMetricFamily("idefics_batch_size", "Rows in the batch each time requests started (joined it).",
                                      buckets=cumulative, sum_value=self.total)
 
 

@@ -1,9 +1,11 @@
 """The generation executor: coroutines submit, one model thread batches and generates.
 
 The event loop never runs model code. `submit` puts a request in a bounded queue (past the bound it
-raises `Busy`); the model thread takes the oldest request and every compatible one behind it, up to
-`max_batch_size` rows (`scheduler.pick_batch`), runs the batch on the engine and hands each row's
-text deltas and result back to the loop that asked. A batch that runs out of memory is split in
+raises `Busy`) and the model thread generates, handing each row's text deltas (once per step) and
+result back to the loop that asked. With `config.batching == "continuous"` waiting requests join the
+running batch between decode steps, up to `max_batch_size` rows, and leave it when done
+(`_run_continuous`); with "static" the oldest request and every compatible one behind it
+(`scheduler.pick_batch`) run as one batch to its end. A batch that runs out of memory is split in
 halves and retried; a batch that raises otherwise is retried one request at a time, so one bad
 request fails alone and the executor keeps serving.
 
@@ -57,9 +59,11 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """One batch the model thread ran, for `/status`, tests and benchmarks."""
+    """One batch the model thread started, or (continuous batching) one group of requests that joined the
+    running batch, for `/status`, metrics, tests and benchmarks."""
 
     size: int
+    """Rows in the batch once it started (or once the group joined it)."""
     kind: str
     started: float
     """`time.monotonic()` when the batch started; recorded before its first result is handed back."""
