@@ -43,6 +43,12 @@ END_OF_STREAM = object()
 """Put on a job's delta queue after its last delta."""
 
 ERROR_KINDS = ("oom", "error", "timeout", "watchdog")
+
+JOIN_WAIT_STEPS = 16
+"""Continuous batching: while fewer than half the batch's rows are free, waiting requests join once the oldest
+has waited this many decode steps (or half the rows are free). Each join is a prefill that pauses every running
+row, so under full load requests join a few at a time rather than one per finished row (text-generation-
+inference's `max_waiting_tokens` is the same idea). A request that finds half the batch free starts at once."""
 """Keys of `ExecutorStats.errors`."""
 
 
@@ -105,6 +111,8 @@ class _Job:
     started: float | None = None
     sent: str = ""
     batch_size: int = 0
+    steps_at_submit: int = 0
+    """The executor's decode-step count when the request was queued (`JOIN_WAIT_STEPS`)."""
     settled: bool = False
     """The outcome was handed back (a late result after the watchdog failed the job is dropped)."""
 
@@ -197,6 +205,8 @@ class Executor:
         """Told each request's outcome (metrics): its `GenerationResult`, or the exception it failed with or
         was refused with at `submit` (`Busy`, ...); rank results are not reported. Called from the model
         thread, the watchdog or the event loop: must be quick and thread-safe."""
+        self._steps = 0
+        """Decode steps of the running batch so far (continuous batching)."""
         self._outbox: list[tuple[_Job, str]] = []
         """Text deltas of the current step, handed to the event loops together (`_flush`): one wake-up of a loop
         per step rather than one per row."""
@@ -270,7 +280,7 @@ class Executor:
         job = _Job(
             id=next(self._ids), kind=kind, prompt=prompt, categories=categories, loop=loop,
             future=loop.create_future(), deltas=asyncio.Queue(), submitted=now,
-            deadline=now + (timeout_s or self.config.request_timeout_s),
+            deadline=now + (timeout_s or self.config.request_timeout_s), steps_at_submit=self._steps,
         )
         try:
             with self._cond:
@@ -434,6 +444,7 @@ class Executor:
                         batch.join(joined)
             if batch is not None:
                 batch = self._step(batch, live)
+                self._steps += 1
             self._flush()
             live = [(j, r) for j, r in live if not r.done and not j.settled]
             if batch is None:
@@ -488,6 +499,10 @@ class Executor:
             self._start([head], now, 1)
             self._running = [*self._running, head]
             return [], head
+        free = self.config.max_batch_size - running
+        if (head is not None and running and free < max(1, self.config.max_batch_size // 2)
+                and self._steps - head.steps_at_submit < JOIN_WAIT_STEPS):
+            return [], None
         admitted: list[_Job] = []
         for job in self._waiting:
             if job.kind != "generate" or running + len(admitted) >= self.config.max_batch_size:

@@ -168,3 +168,21 @@ async def test_a_request_that_breaks_prefill_fails_alone_while_the_batch_runs(en
         finally:
             engine.forward = original
     assert result.finish_reason is FinishReason.LENGTH and result.completion_tokens == 48
+
+
+async def test_a_nearly_full_batch_takes_newcomers_a_few_at_a_time(engine, model_config):
+    """Each join pauses the running rows for a prefill: with fewer than half the rows free, a newcomer waits
+    up to `JOIN_WAIT_STEPS` decode steps (for company, or for rows to finish), then joins."""
+    from model_server.executor import JOIN_WAIT_STEPS
+
+    config = dataclasses.replace(model_config, max_batch_size=4)
+    async with Executor(engine, config, batch_window_s=0.05) as ex:
+        longs = [ex.submit(LONG) for _ in range(3)]
+        await first_delta(longs[0])
+        submitted_at = ex._steps
+        short = ex.submit(JOINERS[0])
+        await first_delta(short)
+        waited = ex._steps - submitted_at
+        results = [await h.result() for h in (*longs, short)]
+    assert JOIN_WAIT_STEPS <= waited < 48  # it joined the running rows, neither at once nor after them
+    assert results[-1].batch_size == 4 and results[-1].total_s < results[0].total_s
