@@ -9,6 +9,7 @@ are pushed out by newer ones. Only the model thread touches the cache: no lock.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -16,11 +17,25 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+_KEYS: dict[int, tuple[weakref.ref, Hashable]] = {}
+"""id(image) -> (a weak reference to it, its key): a picture kept between requests (the bot keeps decoded
+history pictures) is hashed once, not at every request. An entry leaves with its image (the finalizer may run
+on any thread; single dict operations are atomic)."""
+
 
 def image_key(image: Image.Image) -> Hashable:
-    """The content of an image: equal for equal pixels, whatever object or message they came from."""
-    digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
-    return image.mode, image.size, digest
+    """The content of an image: equal for equal pixels, whatever object or message they came from.
+
+    Hashing a large picture's pixels takes milliseconds (SHA-256, which CPUs accelerate, over a copy of
+    them), so the key is remembered for as long as the image object lives.
+    """
+    known = _KEYS.get(id(image))
+    if known is not None and known[0]() is image:
+        return known[1]
+    key = image.mode, image.size, hashlib.sha256(image.tobytes()).digest()
+    _KEYS[id(image)] = (weakref.ref(image), key)
+    weakref.finalize(image, _KEYS.pop, id(image), None)
+    return key
 
 
 @dataclass(frozen=True)

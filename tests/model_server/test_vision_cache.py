@@ -44,6 +44,22 @@ def test_image_key_is_the_content():
     assert image_key(noise_image(1)) != image_key(noise_image(1).convert("L"))
 
 
+def test_an_images_key_is_computed_once_and_forgotten_with_it():
+    import gc
+
+    from model_server import vision_cache
+
+    image = noise_image(5)
+    key = image_key(image)
+    image.putpixel((0, 0), (1, 2, 3))  # nothing in the bot or model server changes a picture once decoded
+    assert image_key(image) == key  # remembered, not hashed again
+    assert id(image) in vision_cache._KEYS
+    ident = id(image)
+    del image
+    gc.collect()
+    assert ident not in vision_cache._KEYS
+
+
 def test_least_recently_used_entries_leave_first_within_the_byte_bound():
     cache = VisionCache(capacity_bytes=3 * 400)  # three 10x10 float32 tensors
     for name in "abc":
