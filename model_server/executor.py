@@ -420,7 +420,8 @@ class Executor:
         """Between decode steps, waiting requests are prefilled and join the running batch.
 
         Finished rows leave at the step that ends them, so a one-line answer does not wait behind a
-        long story, and a new request starts within one step. Beam search and scoring run on their
+        long story; a new request starts at the next step, or within `JOIN_WAIT_STEPS` when fewer than
+        half the rows are free. Beam search and scoring run on their
         own: scoring (one forward pass) between two steps, beam search once the running rows are
         done, so no later request overtakes it.
         """
@@ -430,12 +431,13 @@ class Executor:
             with self._cond:
                 if not self._wait_for_work(idle=batch is None):
                     return
-                admitted, alone = self._admit(len(live))
+                running = 0 if batch is None else len(batch)  # rows the watchdog gave up on still count
+                admitted, alone = self._admit(running)
             if alone is not None:
                 self.batches.append(BatchRecord(1, alone.kind, time.monotonic()))
                 self._execute([alone])
             if admitted:
-                joined, rows = self._prefill(admitted, len(live))
+                joined, rows = self._prefill(admitted, running)
                 if joined is not None:
                     live += [(j, r) for j, r in zip(admitted, rows, strict=True) if not r.done]
                     if batch is None:
