@@ -94,7 +94,7 @@ async def open_database(
             engine=engine,
             sessions=sessions,
             store=Store(sessions, dialect_name=engine.dialect.name, max_image_bytes=max_image_bytes,
-                        lock_retries=lock_retries),
+                        lock_retries=lock_retries, engine=engine),
         )
     finally:
         await engine.dispose()
