@@ -9,10 +9,10 @@ renderer and the model server only read it (resizing makes copies).
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
 
 from PIL import Image
 
+from model_server.bounded_cache import BoundedCache
 from storage import StoredImage
 
 DEFAULT_CAPACITY_BYTES = 64 * 2**20
@@ -20,9 +20,7 @@ DEFAULT_CAPACITY_BYTES = 64 * 2**20
 
 class DecodedImages:
     def __init__(self, capacity_bytes: int = DEFAULT_CAPACITY_BYTES) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._images: OrderedDict[str, Image.Image] = OrderedDict()
-        self._bytes = 0
+        self._images: BoundedCache[str, Image.Image] = BoundedCache(capacity_bytes, _pixel_bytes)
 
     def get(self, stored: StoredImage) -> Image.Image:
         """`stored` as an RGB picture; the same object for the same content while it stays in the cache.
@@ -30,17 +28,9 @@ class DecodedImages:
         Keyed by the sha256 the store computed from the bytes itself, never by anything the file says.
         """
         image = self._images.get(stored.sha256)
-        if image is not None:
-            self._images.move_to_end(stored.sha256)
-            return image
-        image = Image.open(io.BytesIO(stored.data)).convert("RGB")
-        size = _pixel_bytes(image)
-        if size <= self.capacity_bytes:
-            self._images[stored.sha256] = image
-            self._bytes += size
-            while self._bytes > self.capacity_bytes:
-                _, evicted = self._images.popitem(last=False)
-                self._bytes -= _pixel_bytes(evicted)
+        if image is None:
+            image = Image.open(io.BytesIO(stored.data)).convert("RGB")
+            self._images.put(stored.sha256, image)
         return image
 
     def __len__(self) -> int:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections import OrderedDict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
+
+from model_server.bounded_cache import BoundedCache, CacheStats
+
+if TYPE_CHECKING:  # the executor imports this module and must not load torch (TGI runs without it)
+    import torch
 
 _KEYS: dict[int, tuple[weakref.ref, Hashable]] = {}
 """id(image) -> (a weak reference to it, its key): a picture kept between requests (the bot keeps decoded
@@ -38,54 +41,14 @@ def image_key(image: Image.Image) -> Hashable:
     return key
 
 
-@dataclass(frozen=True)
-class VisionCacheStats:
-    entries: int
-    bytes: int
-    capacity_bytes: int
-    hits: int
-    misses: int
+VisionCacheStats = CacheStats
 
 
-class VisionCache:
-    """Least-recently-used map from `image_key` to a feature tensor, holding at most `capacity_bytes`."""
+class VisionCache(BoundedCache[Hashable, "torch.Tensor"]):
+    """`image_key` -> feature tensor (which must own its storage, not view a batch), within `capacity_bytes`."""
 
     def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: Hashable) -> torch.Tensor | None:
-        features = self._entries.get(key)
-        if features is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return features
-
-    def put(self, key: Hashable, features: torch.Tensor) -> None:
-        """Keep `features` (which must own its storage, not view a batch) unless it alone is over capacity."""
-        size = _nbytes(features)
-        if size > self.capacity_bytes:
-            return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self._bytes -= _nbytes(old)
-        self._entries[key] = features
-        self._bytes += size
-        while self._bytes > self.capacity_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= _nbytes(evicted)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-
-    def stats(self) -> VisionCacheStats:
-        return VisionCacheStats(len(self._entries), self._bytes, self.capacity_bytes, self.hits, self.misses)
+        super().__init__(capacity_bytes, _nbytes)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -39,3 +39,14 @@ def test_fixed_points_exist():
     for name in ("pyproject.toml", "README.md", "Makefile", ".ci/run", "bot", "model_server", "storage", "tests",
                  "deploy", "bench"):
         assert (ROOT / name).exists(), name
+
+
+def test_the_bot_and_the_tgi_backend_run_without_loading_torch():
+    """torch stops at the edge of the in-process model: the bot's modules and the TGI backend never load it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bot.app, bot.commands, bot.conversation, model_server.executor, model_server.tgi; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
