@@ -33,7 +33,7 @@ from model_server.streaming import TextAssembler, cut_at_stop
 from model_server.types import FinishReason, Prompt
 from model_server.vision_cache import VisionCache, image_key
 
-DEFAULT_VISION_CACHE_BYTES = 256 * 2**20
+DEFAULT_VISION_CACHE_BYTES = ModelConfig.vision_cache_mb * 2**20
 
 
 @dataclass

@@ -43,13 +43,13 @@ END_OF_STREAM = object()
 """Put on a job's delta queue after its last delta."""
 
 ERROR_KINDS = ("oom", "error", "timeout", "watchdog")
+"""Keys of `ExecutorStats.errors`."""
 
 JOIN_WAIT_STEPS = 16
 """Continuous batching: while fewer than half the batch's rows are free, waiting requests join once the oldest
 has waited this many decode steps (or half the rows are free). Each join is a prefill that pauses every running
 row, so under full load requests join a few at a time rather than one per finished row (text-generation-
 inference's `max_waiting_tokens` is the same idea). A request that finds half the batch free starts at once."""
-"""Keys of `ExecutorStats.errors`."""
 
 
 class Engine(Protocol):
@@ -421,9 +421,8 @@ class Executor:
 
         Finished rows leave at the step that ends them, so a one-line answer does not wait behind a
         long story; a new request starts at the next step, or within `JOIN_WAIT_STEPS` when fewer than
-        half the rows are free. Beam search and scoring run on their
-        own: scoring (one forward pass) between two steps, beam search once the running rows are
-        done, so no later request overtakes it.
+        half the rows are free. Beam search and scoring run on their own: scoring (one forward pass)
+        between two steps, beam search once the running rows are done, so no later request overtakes it.
         """
         batch = None
         live: list[tuple[_Job, Any]] = []
@@ -449,8 +448,6 @@ class Executor:
                 self._steps += 1
             self._flush()
             live = [(j, r) for j, r in live if not r.done and not j.settled]
-            if batch is None:
-                live = []
             self._after_model_call([j for j, _ in live])
 
     def _wait_for_work(self, idle: bool) -> bool:
