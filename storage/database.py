@@ -93,8 +93,7 @@ async def open_database(
         yield Database(
             engine=engine,
             sessions=sessions,
-            store=Store(sessions, dialect_name=engine.dialect.name, max_image_bytes=max_image_bytes,
-                        lock_retries=lock_retries, engine=engine),
+            store=Store(sessions, engine=engine, max_image_bytes=max_image_bytes, lock_retries=lock_retries),
         )
     finally:
         await engine.dispose()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -53,8 +53,11 @@ _SETTINGS_COLUMNS = (Channel.answer_mode, Channel.record_mode, Channel.system_pr
                      Channel.temperature, Channel.decoding)
 """A channel's settings, named as the fields of `ChannelSettings`."""
 
-CHANNEL_ID_CACHE = 100_000
-"""Most channel ids a store keeps in memory (a few MB at most); past it the cache is emptied and refills."""
+CHANNEL_CACHE_ENTRIES = 100_000
+"""Most channels whose id, and whose settings, a store keeps in memory (a few MB at most); past it a cache is
+emptied and refills from the database."""
+
+T = TypeVar("T")
 
 SETTINGS_CACHE_S = 5.0
 """How long a store trusts a channel's settings it read. Its own changes apply at once; a change made by another
@@ -71,19 +74,18 @@ class Store:
         self,
         sessions: async_sessionmaker[AsyncSession],
         *,
-        dialect_name: str,
+        engine: AsyncEngine,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         lock_retries: int = 3,
         lock_backoff_s: float = 0.25,
         reconnect_retries: int = 3,
         reconnect_backoff_s: float = 0.25,
-        engine: AsyncEngine | None = None,
     ) -> None:
         self._sessions = sessions
         self._engine = engine
         """For reads on every message's path: a plain connection costs less than an ORM session and, with no
         transaction begun, returns to the pool without a rollback."""
-        self._dialect = dialect_name
+        self._dialect = engine.dialect.name
         self._channel_ids: dict[str, int] = {}
         """Channel key -> row id, for channel rows known to be committed. Channel rows are never deleted
         (clearing a channel deletes its messages, not its row) and ids never change, so a cached id stays
@@ -92,9 +94,9 @@ class Store:
         """Channel key -> (time read, settings): read for every message twice (whether to answer, then the
         prompt), changed rarely and only through `update_channel_settings`."""
         self._settings_version = 0
+        """Bumped by every settings change, so a read that raced with one does not cache what it read."""
         self.clock = time.monotonic
         """Seconds for `SETTINGS_CACHE_S` (tests move it on)."""
-        """Bumped by every settings change, so a read that raced with one does not cache what it read."""
         self._max_image_bytes = max_image_bytes
         self.lock_retries = lock_retries
         """Attempts after the first when a write finds the database locked; then `DatabaseBusy`."""
@@ -177,7 +179,7 @@ class Store:
             except CommitInDoubt:
                 attempts.commit_lost = True
                 raise
-        self._remember_channel(msg.channel_key, channel_id)
+        _put_bounded(self._channel_ids, msg.channel_key, channel_id)
         log.debug(
             "stored message id=%d platform_id=%s channel=%s role=%s text_len=%d images=%d image_bytes=%d",
             message_id,
@@ -354,12 +356,8 @@ class Store:
         if before_id is not None:
             params["before_id"] = before_id
         statement = window_with_images_statement(before=before_id is not None)
-        if self._engine is None:
-            async with self._sessions() as session:
-                rows = (await session.execute(statement, params)).all()
-        else:
-            async with self._engine.connect() as connection:
-                rows = (await connection.execute(statement, params)).all()
+        async with self._engine.connect() as connection:
+            rows = (await connection.execute(statement, params)).all()
         return _window(rows, channel_key)
 
     @retry_when_disconnected("read")
@@ -406,7 +404,7 @@ class Store:
         version = self._settings_version
         settings = await self._read_channel_settings(channel_key)
         if version == self._settings_version:
-            self._cache_settings(channel_key, settings, now)
+            _put_bounded(self._settings, channel_key, (now, settings))
         return settings
 
     @retry_when_disconnected("read")
@@ -415,11 +413,6 @@ class Store:
         async with self._sessions() as session:
             row = (await session.execute(select(*_SETTINGS_COLUMNS).where(Channel.key == channel_key))).first()
         return ChannelSettings() if row is None else ChannelSettings(**row._asdict())
-
-    def _cache_settings(self, channel_key: str, settings: ChannelSettings, read_at: float) -> None:
-        if channel_key not in self._settings and len(self._settings) >= CHANNEL_ID_CACHE:
-            self._settings.clear()
-        self._settings[channel_key] = (read_at, settings)
 
     @retry_when_disconnected("idempotent")  # sets fixed values and reads them back
     @retry_when_locked
@@ -443,11 +436,11 @@ class Store:
             channel = await session.scalar(select(Channel).where(Channel.id == channel_id))
             await commit(session)
         assert channel is not None
-        self._remember_channel(channel_key, channel_id)
+        _put_bounded(self._channel_ids, channel_key, channel_id)
         log.info("channel=%s settings changed: %s", channel_key, sorted(values))
         settings = _settings(channel)
         self._settings_version += 1
-        self._cache_settings(channel_key, settings, self.clock())
+        _put_bounded(self._settings, channel_key, (self.clock(), settings))
         return settings
 
     # ------------------------------------------------------------------ helpers
@@ -464,13 +457,6 @@ class Store:
         for blob in msg.images:
             if len(blob.data) > self._max_image_bytes:
                 raise ImageTooLarge(len(blob.data), self._max_image_bytes)
-
-    def _remember_channel(self, channel_key: str, channel_id: int) -> None:
-        """Cache a committed channel row's id (bounded: past the bound the cache starts again, empty)."""
-        if channel_key not in self._channel_ids:
-            if len(self._channel_ids) >= CHANNEL_ID_CACHE:
-                self._channel_ids.clear()
-            self._channel_ids[channel_key] = channel_id
 
     async def _ensure_channel(self, session: AsyncSession, channel_key: str) -> int:
         # Insert-or-ignore first, then read: race-free without catching IntegrityError, and on SQLite the
@@ -637,6 +623,13 @@ def _stored(row: Message, channel_key: str) -> StoredMessage:
             for link in row.image_links
         ),
     )
+
+
+def _put_bounded(entries: dict[str, T], channel_key: str, value: T) -> None:
+    """Set a per-channel cache entry; a cache at `CHANNEL_CACHE_ENTRIES` is emptied first (it refills)."""
+    if channel_key not in entries and len(entries) >= CHANNEL_CACHE_ENTRIES:
+        entries.clear()
+    entries[channel_key] = value
 
 
 def _window(rows: Sequence[Any], channel_key: str) -> list[StoredMessage]:
