@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.client import IdeficsBot
-from bot.runtime import open_services
+from bot.discord_app.client import IdeficsBot
+from bot.pipeline.services import open_services
 from bot.settings import Settings
 from tests.fake_discord import FakeDiscord
 from tests.load.flood import QueueSampler, all_final, build_flood_world, judge, percentile, send_flood

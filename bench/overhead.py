@@ -5,7 +5,7 @@ filled with N messages: user questions and assistant answers, every tenth questi
 into the store's own tables (set-up, not measured). Then `--messages` more messages go through the per-message
 work of the real pipeline, each timed as a whole:
 
-    the front end reads the channel's settings (trigger decision, `bot/client.py`)
+    the front end reads the channel's settings (trigger decision, `bot/discord_app/client.py`)
     -> `Conversation.record` (stores the user message as a "pending" request)
     -> `Conversation.prompt_for` (settings, the history window with its images, `model_server.prompt.render_chat`)
     -> `Conversation.store_answer` (stores the assistant turn and marks the request "answered", one transaction)
@@ -43,8 +43,8 @@ import numpy as np
 from PIL import Image
 from sqlalchemy import insert, select
 
-from bot.conversation import ChatDefaults, Conversation, IncomingMessage, ModelInfo, Reply
-from bot.images import CheckedImage, ImageLimits, check_image
+from bot.images.check import CheckedImage, ImageLimits, check_image
+from bot.pipeline.conversation import ChatDefaults, Conversation, IncomingMessage, ModelInfo, Reply
 from storage import Database, ImageBlob, NewMessage, open_database
 from storage.models import Channel, Message, MessageImage
 from storage.models import Image as ImageRow
@@ -213,7 +213,7 @@ async def measure(args: argparse.Namespace, url: str, size: int, model: ModelInf
 def model_info(name: str | None) -> ModelInfo:
     if name is None:
         return ModelInfo(name="bench", instruct=True)
-    from bot.runtime import model_info_without_weights
+    from bot.pipeline.services import model_info_without_weights
 
     info = model_info_without_weights(name)
     if info.count_tokens is None:

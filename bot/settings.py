@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bot.conversation import ChatDefaults
-from bot.images import ImageLimits
+from bot.images.check import ImageLimits
+from bot.pipeline.conversation import ChatDefaults
 from model_server.config import ModelConfig
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The terminal commands through their real entry point (`bot.cli.main`, the console script's target)."""
+"""The terminal commands through their real entry point (`bot.terminal.cli.main`, the console script's target)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from bot.cli import main
+from bot.terminal.cli import main
 from tests.conftest import noise_image
 from tests.images.builders import png_header_only
 
@@ -166,10 +166,10 @@ def test_private_address_url_refused(workdir, capsys):
 
 def test_url_that_never_answers_times_out(workdir, capsys, monkeypatch):
     """A loopback server that accepts and never answers: the download gives up within the timeout."""
-    import bot.fetch
+    import bot.images.fetch
 
     monkeypatch.setenv("DOWNLOAD_TIMEOUT_S", "1")
-    monkeypatch.setattr(bot.fetch, "is_public_address", lambda ip: True)
+    monkeypatch.setattr(bot.images.fetch, "is_public_address", lambda ip: True)
     stop = asyncio.Event()
 
     async def hang(request: web.Request) -> web.Response:
@@ -195,12 +195,12 @@ def test_url_that_never_answers_times_out(workdir, capsys, monkeypatch):
 
 
 def test_question_that_is_a_url_is_text(workdir, capsys, monkeypatch):
-    import bot.fetch
+    import bot.images.fetch
 
     async def no_fetch(*args, **kwargs):
         raise AssertionError("nothing may be fetched")
 
-    monkeypatch.setattr(bot.fetch.ImageFetcher, "fetch", no_fetch)
+    monkeypatch.setattr(bot.images.fetch.ImageFetcher, "fetch", no_fetch)
     code, out, _ = run(capsys, "ask", "--dry-run", "photo.png", "https://example.com/cat.png")
     assert code == 0
     assert "Question: https://example.com/cat.png Answer:" in out

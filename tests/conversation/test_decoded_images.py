@@ -7,7 +7,7 @@ import io
 
 from PIL import Image
 
-from bot.decoded_images import DecodedImages
+from bot.pipeline.decoded_images import DecodedImages
 from storage import StoredImage
 from tests.conftest import noise_image
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bot.conversation import ChatDefaults, Conversation, IncomingMessage, ModelInfo, Reply, conversation_order
-from bot.images import ImageLimits, check_image
+from bot.images.check import ImageLimits, check_image
+from bot.pipeline.conversation import ChatDefaults, Conversation, IncomingMessage, ModelInfo, Reply, conversation_order
 from model_server.errors import Busy
 from model_server.executor import Executor
 from model_server.prompt import prompt_text

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from bot.client import IdeficsBot
-from bot.conversation import Conversation, ModelInfo
-from bot.fetch import ImageFetcher, create_session
-from bot.runtime import Services
+from bot.discord_app.client import IdeficsBot
+from bot.images.fetch import ImageFetcher, create_session
+from bot.pipeline.conversation import Conversation, ModelInfo
+from bot.pipeline.services import Services
 from bot.settings import Settings
 from model_server.executor import Executor
 from storage import open_database

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 
-from bot.app import serve
+from bot.discord_app.app import serve
 from bot.settings import Settings
 from tests.discord_bot.conftest import add_image_attachment
 from tests.fake_discord import FakeDiscord

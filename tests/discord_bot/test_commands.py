@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bot.commands import (
+from bot.discord_app.commands import (
     BUSY_MESSAGE,
     INCOMPLETE_EXAMPLE,
     NEEDS_MANAGE_CHANNELS,

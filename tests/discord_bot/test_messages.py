@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.incoming import starter_platform_id
+from bot.discord_app.incoming import starter_platform_id
 from tests.discord_bot.conftest import (
     RunningBot,
     add_image_attachment,

@@ -1,4 +1,4 @@
-"""Metrics and health (`bot.metrics`) and JSON logs (`bot.log_format`).
+"""Metrics and health (`bot.ops.metrics`) and JSON logs (`bot.ops.log_format`).
 
 The metrics server runs on a free port next to the real bot logged in to the fake Discord; `/metrics` is parsed
 with prometheus-client's own parser. One test runs the real `idefics-bot run` process with `METRICS_PORT`,
@@ -25,11 +25,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bot.client import IdeficsBot
-from bot.log_format import JsonFormatter, use_log_format
-from bot.logging_setup import REDACTED, install_log_redaction, uninstall_log_redaction
-from bot.metrics import BatchSizes, MetricsServer, MetricsServerError
-from bot.runtime import Services
+from bot.discord_app.client import IdeficsBot
+from bot.ops.log_format import JsonFormatter, use_log_format
+from bot.ops.logging_setup import REDACTED, install_log_redaction, uninstall_log_redaction
+from bot.ops.metrics import BatchSizes, MetricsServer, MetricsServerError
+from bot.pipeline.services import Services
 from model_server.config import ModelConfig
 from model_server.errors import Busy, ModelStuck
 from model_server.executor import BatchRecord, Executor

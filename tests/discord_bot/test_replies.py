@@ -5,7 +5,7 @@ from __future__ import annotations
 import discord
 import pytest
 
-from bot.replies import MESSAGE_LIMIT, InteractionReplySink, MessageReplySink, split_message
+from bot.discord_app.replies import MESSAGE_LIMIT, InteractionReplySink, MessageReplySink, split_message
 from tests.discord_bot.conftest import RunningBot
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from bot.app import serve
+from bot.discord_app.app import serve
+from bot.discord_app.triggers import Decision, MessageFacts, decide
 from bot.errors import RateLimited, UserInputError
-from bot.limits import UserLimiter
+from bot.pipeline.limits import UserLimiter
 from bot.settings import Settings
-from bot.triggers import Decision, MessageFacts, decide
 
 
 def facts(**changes: bool) -> MessageFacts:

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from bot.client import IdeficsBot, ShardedIdeficsBot, create_bot
-from bot.recovery import RESTARTED, shard_of
-from bot.runtime import Services
+from bot.discord_app.client import IdeficsBot, ShardedIdeficsBot, create_bot
+from bot.discord_app.recovery import RESTARTED, shard_of
+from bot.pipeline.services import Services
 from bot.settings import Settings
 from storage import NewMessage
 from tests.discord_bot.conftest import RunningBot, answer_to, eventually, settle

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bot.fetch import ImageFetcher, create_session
+from bot.images.fetch import ImageFetcher, create_session
 from tests.discord_bot.conftest import answer_to, run_bot
 
 

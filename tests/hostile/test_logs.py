@@ -3,7 +3,7 @@
 The bot runs with a distinctive token against the fake Discord, with the root logger and discord.py's
 loggers at DEBUG and every record captured; it answers a mention and a slash command. No record (its
 formatted message, its arguments, its traceback) may hold the token or the text users wrote. The redaction
-is what `idefics-bot run` installs (`bot.logging_setup.install_log_redaction`).
+is what `idefics-bot run` installs (`bot.ops.logging_setup.install_log_redaction`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bot.logging_setup import install_log_redaction, uninstall_log_redaction
+from bot.ops.logging_setup import install_log_redaction, uninstall_log_redaction
 from bot.settings import Settings
 from tests.discord_bot.conftest import add_image_attachment, answer_to, run_bot, settle
 from tests.fake_discord import FakeDiscord

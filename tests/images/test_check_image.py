@@ -19,7 +19,7 @@ from bot.errors import (
     TooManyPixels,
     UserInputError,
 )
-from bot.images import MAX_SIDE, CheckedImage, ImageLimits, check_image, check_images
+from bot.images.check import MAX_SIDE, CheckedImage, ImageLimits, check_image, check_images
 from tests.images.builders import encode, noise_image, photo_like, png_header_only, small_samples
 
 LIMITS = ImageLimits()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bot.errors import ImageError
-from bot.images import MAX_SIDE, CheckedImage, ImageLimits, check_image
+from bot.images.check import MAX_SIDE, CheckedImage, ImageLimits, check_image
 from tests.images.builders import small_samples
 
 # A small pixel cap keeps each example fast when a mutation makes a header claim a large image.

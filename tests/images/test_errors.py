@@ -53,7 +53,7 @@ def test_no_discord_or_torch_imports() -> None:
     import sys
 
     code = (
-        "import sys, bot.errors, bot.images, bot.fetch;"
+        "import sys, bot.errors, bot.images.check, bot.images.fetch;"
         "bad = [m for m in ('discord', 'torch', 'transformers') if m in sys.modules];"
         "sys.exit(1 if bad else 0)"
     )

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
-import bot.fetch
+import bot.images.fetch
 from bot.errors import (
     FetchFailed,
     FetchTimeout,
@@ -25,8 +25,8 @@ from bot.errors import (
     UnsafeUrl,
     UserInputError,
 )
-from bot.fetch import ImageFetcher, create_session, is_public_address
-from bot.images import ImageLimits, check_image
+from bot.images.check import ImageLimits, check_image
+from bot.images.fetch import ImageFetcher, create_session, is_public_address
 from tests.images.builders import encode
 
 PNG = encode(Image.new("RGB", (8, 8), (255, 0, 0)), "PNG")
@@ -338,7 +338,7 @@ async def test_fetcher_owning_its_session(server: Server) -> None:
 async def test_logs_carry_host_not_url(
     fetcher: ImageFetcher, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="bot.fetch")
+    caplog.set_level(logging.DEBUG, logger="bot.images.fetch")
     await fetcher.fetch(server.url("/ok.png?token=SECRET123"))
     with pytest.raises(FetchFailed) as info:
         await fetcher.fetch(server.url("/missing?token=SECRET123"))
@@ -452,7 +452,7 @@ async def test_public_name_redirecting_to_loopback_refused(
     # "public.example" is served from 127.0.0.2, which this test (only) treats as a public address; it
     # redirects to the real loopback server, which must never be contacted.
     monkeypatch.setattr(
-        bot.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
+        bot.images.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
     )
     front, runner = await start_server("127.0.0.2")
     try:
@@ -478,7 +478,7 @@ async def test_redirect_chain_through_public_hops_works(
 ) -> None:
     # Same pretend-public address: the safe path really fetches when every hop is allowed.
     monkeypatch.setattr(
-        bot.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
+        bot.images.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
     )
     front, runner = await start_server("127.0.0.2")
     try:
@@ -576,7 +576,7 @@ async def test_dns_rebinding_cannot_switch_the_connected_address(
     # A check-then-connect design resolves twice (check: public, connect: loopback). Here the one
     # resolution the connector uses is the checked one, so the loopback server is never reached.
     monkeypatch.setattr(
-        bot.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
+        bot.images.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
     )
     # Same port on both addresses, so a second resolution would land on the loopback server.
     front, runner = await start_server("127.0.0.2", server.port)

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bot.client import IdeficsBot
+from bot.discord_app.client import IdeficsBot
 from bot.settings import Settings
 from tests.discord_bot.conftest import eventually, open_test_services
 from tests.fake_discord import FakeDiscord

@@ -136,7 +136,7 @@ def test_settings_pass_the_device_list_down() -> None:
 
 async def test_open_executor_builds_a_pool_for_several_devices_and_a_plain_executor_for_one(
         tiny_model_path: Path) -> None:
-    from bot.runtime import open_executor
+    from bot.pipeline.services import open_executor
     from bot.settings import Settings
 
     for devices, kind in (("cpu,cpu", ReplicaPool), ("cpu", Executor)):
@@ -197,8 +197,8 @@ async def test_requests_spread_over_replicas_with_the_single_executors_answers(p
 
 
 async def test_status_shows_the_whole_pool(pool: ReplicaPool) -> None:
-    from bot.commands import TaskCommands
-    from bot.conversation import ModelInfo
+    from bot.discord_app.commands import TaskCommands
+    from bot.pipeline.conversation import ModelInfo
 
     await asyncio.gather(*(pool.generate(p) for p in PROMPTS[:4]))
     await eventually(lambda: pool.stats().running == 0)

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-from bot.client import STORAGE_FAILED
+from bot.discord_app.client import STORAGE_FAILED
 from storage import Database, DatabaseBusy, NewMessage, StorageError, open_database
 from storage.retry import is_lock_error
 from tests.discord_bot.conftest import answer_to, eventually, settle

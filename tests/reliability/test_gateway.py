@@ -35,7 +35,7 @@ def duplicates_logged(caplog: pytest.LogCaptureFixture, message: MessageRecord) 
 
 @pytest.fixture(autouse=True)
 def _log_duplicates(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="bot.conversation")
+    caplog.set_level(logging.INFO, logger="bot.pipeline.conversation")
 
 
 async def test_events_replayed_by_a_resume_are_answered_once(

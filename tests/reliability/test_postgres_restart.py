@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 import storage.store
-from bot.client import STORAGE_FAILED
+from bot.discord_app.client import STORAGE_FAILED
 from storage import Database, DatabaseUnavailable, NewMessage, StorageError, open_database
 from storage.errors import UNREACHABLE_MESSAGE
 from storage.retry import CommitInDoubt, commit, is_connection_error

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bot.replies import SLOW_EDIT_S, MessageReplySink
+from bot.discord_app.replies import SLOW_EDIT_S, MessageReplySink
 from tests.discord_bot.conftest import RunningBot, answer_to, run_bot, spy_prompts
 
 STEP_S = 0.02

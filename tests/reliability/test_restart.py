@@ -11,7 +11,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bot.recovery import RESTARTED, recover_pending
+from bot.discord_app.recovery import RESTARTED, recover_pending
 from storage import NewMessage, open_database
 from tests.discord_bot.conftest import RunningBot, settle
 from tests.fake_discord import FakeDiscord, MessageRecord

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-import bot.app
-from bot.app import serve
-from bot.client import RESTARTING
-from bot.runtime import Services
+import bot.discord_app.app
+from bot.discord_app.app import serve
+from bot.discord_app.client import RESTARTING
+from bot.pipeline.services import Services
 from bot.settings import Settings
 from storage import open_database
 from tests.fake_discord import FakeDiscord
@@ -100,7 +100,7 @@ async def test_a_fatal_model_fault_stops_the_bot_with_status_1(
     fake_discord: FakeDiscord, bot_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     opened: list[Services] = []
-    open_services = bot.app.open_services
+    open_services = bot.discord_app.app.open_services
 
     @contextlib.asynccontextmanager
     async def keeping(*args: Any, **kwargs: Any) -> AsyncIterator[Services]:
@@ -108,7 +108,7 @@ async def test_a_fatal_model_fault_stops_the_bot_with_status_1(
             opened.append(services)
             yield services
 
-    monkeypatch.setattr(bot.app, "open_services", keeping)
+    monkeypatch.setattr(bot.discord_app.app, "open_services", keeping)
     server = asyncio.create_task(serve(bot_settings))
     await fake_discord.wait_for(lambda: fake_discord.identify_count == 1, 60, "login")
     executor = opened[0].executor

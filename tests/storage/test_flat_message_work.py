@@ -16,7 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.util import await_
 
 from bench.overhead import fill, incoming_messages, one_message
-from bot.conversation import ChatDefaults, Conversation, ModelInfo
+from bot.pipeline.conversation import ChatDefaults, Conversation, ModelInfo
 from storage import Database, open_database
 
 SHORT, LONG = 60, 5_000

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.runtime import open_executor, open_services
+from bot.pipeline.services import open_executor, open_services
 from bot.settings import Settings
 from model_server.errors import ModelLoadError
 from model_server.tgi import TgiExecutor

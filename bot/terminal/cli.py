@@ -17,12 +17,12 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from bot.conversation import IncomingMessage, Reply
 from bot.errors import ImageTooLarge, UserInputError
-from bot.fetch import ImageFetcher
-from bot.images import CheckedImage, ImageLimits, check_image
-from bot.log_format import use_log_format
-from bot.runtime import open_executor, open_services
+from bot.images.check import CheckedImage, ImageLimits, check_image
+from bot.images.fetch import ImageFetcher
+from bot.ops.log_format import use_log_format
+from bot.pipeline.conversation import IncomingMessage, Reply
+from bot.pipeline.services import open_executor, open_services
 from bot.settings import Settings
 from model_server.errors import ModelServerError
 from model_server.prompt import PromptError, prompt_text
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_log_format(settings.log_format)
     try:
         if args.command == "run":
-            from bot.app import serve
+            from bot.discord_app.app import serve
 
             return asyncio.run(serve(settings))
         if args.command == "chat":

@@ -1,6 +1,6 @@
 """Images of a Discord message: attachments, images of embeds Discord unfurled, and direct links in its text.
 
-Every image is checked by content (`bot.images.check_image`, on a worker thread); what is not an image is
+Every image is checked by content (`bot.images.check.check_image`, on a worker thread); what is not an image is
 skipped without a word (a PDF attached to a chat message is not an error), while an image that cannot be used
 (too large, damaged, a link that fails) is reported back so that a request can tell its author.
 """
@@ -13,8 +13,8 @@ import logging
 import discord
 
 from bot.errors import FetchFailed, FetchTimeout, ImageTooLarge, NotAnImage, UserInputError
-from bot.fetch import ImageFetcher, find_image_links
-from bot.images import CheckedImage, ImageLimits, check_image
+from bot.images.check import CheckedImage, ImageLimits, check_image
+from bot.images.fetch import ImageFetcher, find_image_links
 
 log = logging.getLogger(__name__)
 

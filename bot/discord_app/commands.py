@@ -34,12 +34,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.attachments import embed_image_urls, image_from_attachment, image_from_url
-from bot.conversation import EMPTY_ANSWER, INTERNAL_ERROR, ReplySink, report_queue
+from bot.discord_app.attachments import embed_image_urls, image_from_attachment, image_from_url
+from bot.discord_app.replies import NO_MENTIONS, InteractionReplySink, split_message
+from bot.discord_app.triggers import DEFAULT_ANSWER_MODE, DEFAULT_RECORD_MODE
 from bot.errors import UserInputError
-from bot.images import CheckedImage
-from bot.replies import NO_MENTIONS, InteractionReplySink, split_message
-from bot.triggers import DEFAULT_ANSWER_MODE, DEFAULT_RECORD_MODE
+from bot.images.check import CheckedImage
+from bot.pipeline.conversation import EMPTY_ANSWER, INTERNAL_ERROR, ReplySink, report_queue
 from model_server import tasks
 from model_server.errors import Busy, ModelServerError
 from model_server.executor import Executor, RequestHandle
@@ -48,7 +48,7 @@ from model_server.types import FinishReason, GenerationResult, Prompt, RankedCat
 from storage import ChannelSettings, StorageError
 
 if TYPE_CHECKING:
-    from bot.client import IdeficsBot
+    from bot.discord_app.client import IdeficsBot
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from PIL import Image
 
-from bot.decoded_images import DecodedImages
-from bot.images import CheckedImage
+from bot.images.check import CheckedImage
+from bot.pipeline.decoded_images import DecodedImages
 from model_server.errors import Busy, ModelServerError
 from model_server.executor import Executor, RequestHandle
 from model_server.prompt import PromptError, render_chat

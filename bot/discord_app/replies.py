@@ -22,7 +22,7 @@ from typing import Any
 
 import discord
 
-from bot.conversation import Reply
+from bot.pipeline.conversation import Reply
 from model_server.types import GenerationResult
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """`LOG_FORMAT`: the log line format, `text` (the default, for people) or `json` (one object per line, for collectors).
 
 A JSON line holds `time` (UTC, ISO 8601), `level`, `logger`, `message`, `exception` (the traceback, when there is
-one) and the record's extra fields (`log.info(..., extra={"request": 12})`). Redaction (`bot.logging_setup`)
+one) and the record's extra fields (`log.info(..., extra={"request": 12})`). Redaction (`bot.ops.logging_setup`)
 still applies: the message and traceback are redacted when the record is made, and the extra fields, which
 `logging` attaches after that, are redacted here through the same record factory, so a secret never reaches a
 JSON line either.
@@ -45,7 +45,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def _redacted(text: str) -> str:
-    """`text` with the secrets the installed record factory knows replaced (see `bot.logging_setup`)."""
+    """`text` with the secrets the installed record factory knows replaced (see `bot.ops.logging_setup`)."""
     # A secret inside a JSON string becomes "[redacted]" there: the line stays valid JSON.
     return logging.getLogRecordFactory()(__name__, logging.INFO, __file__, 0, text, None, None).getMessage()
 

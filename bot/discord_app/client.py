@@ -1,14 +1,15 @@
 """The Discord client: which events it listens to, and how each becomes a call into the pipeline.
 
-Thin by design: Discord objects are turned into the project's own types here (`bot.incoming`), the rules of
-when to answer are in `bot.triggers`, storing and generating in `bot.conversation`, delivery in `bot.replies`.
+Thin by design: Discord objects are turned into the project's own types here (`bot.discord_app.incoming`), the
+rules of when to answer are in `bot.discord_app.triggers`, storing and generating in `bot.pipeline.conversation`,
+delivery in `bot.discord_app.replies`.
 
 Order: each message is handled in a task of its own (on_message returns at once), but the messages of one
 channel are recorded in the order they arrived (a chain of ingest tasks per channel) and answered in that
 order (the pipeline's per-channel lock); answers of different channels run together and share batches.
 
 Restarts: once ready, requests a crashed run left "pending" are answered or their authors told
-(`bot.recovery`). Shutdown (`drain`): new requests are stored but not started (they stay "pending" for the
+(`bot.discord_app.recovery`). Shutdown (`drain`): new requests are stored but not started (they stay "pending" for the
 next start), running answers get a grace period, then are cancelled with a short notice and stay "pending".
 
 Sharding (`DISCORD_SHARDS`, `DISCORD_SHARD_IDS`): `create_bot` picks the class. Unset, `IdeficsBot` is a plain
@@ -17,7 +18,7 @@ connections in this process, each with its share of the guilds (Discord sends a 
 `(guild_id >> 22) % shard_count`, DMs to shard 0). Everything else is the same class: a channel's events all
 reach one shard, so the per-channel ordering above holds within a process. Several processes may split the
 shards and share one database; then only the process running shard 0 syncs the slash commands, and each
-process's restart recovery touches only its own shards' channels (`bot.recovery`).
+process's restart recovery touches only its own shards' channels (`bot.discord_app.recovery`).
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from bot.attachments import images_from_message
+from bot.discord_app.attachments import images_from_message
+from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
+from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
+from bot.discord_app.replies import MessageReplySink, send_notice
+from bot.discord_app.triggers import MessageFacts, decide
 from bot.errors import RateLimited
-from bot.incoming import channel_key, starter_platform_id, to_incoming
-from bot.limits import UserLimiter
-from bot.recovery import RecoveryReport, recover_pending, shard_of
-from bot.replies import MessageReplySink, send_notice
-from bot.runtime import Services
-from bot.triggers import MessageFacts, decide
+from bot.pipeline.limits import UserLimiter
+from bot.pipeline.services import Services
 from storage import NewMessage, StorageError, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ class IdeficsBot(commands.Bot):
     async def setup_hook(self) -> None:
         self._adopt_identity()
         try:
-            from bot.commands import setup_commands
+            from bot.discord_app.commands import setup_commands
         except ModuleNotFoundError as exc:
-            if exc.name != "bot.commands":
+            if exc.name != "bot.discord_app.commands":
                 raise
-            log.warning("bot.commands not found: no slash commands")
+            log.warning("bot.discord_app.commands not found: no slash commands")
         else:
             await setup_commands(self)
         guild_id = self.services.settings.discord_dev_guild_id
@@ -292,7 +293,7 @@ class IdeficsBot(commands.Bot):
             log.info("request %s recorded during shutdown: left pending", stored.platform_id)
 
     def answer_recovered(self, message: discord.Message, stored: StoredMessage) -> None:
-        """Answer a request of an earlier run (already claimed by `bot.recovery`) in a task of its own."""
+        """Answer a request of an earlier run (already claimed by `bot.discord_app.recovery`) in a task of its own."""
         self.spawn(self._answer(message, stored, None, recovered=True), name=f"recover-{message.id}")
 
     async def _answer(self, message: discord.Message, stored: StoredMessage,

@@ -40,7 +40,7 @@ from bot.errors import (
     UnsafeUrl,
     UserInputError,
 )
-from bot.images import ImageLimits
+from bot.images.check import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class ImageFetcher:
     ) -> None:
         if session is not None and not allow_private:
             if not isinstance(session.connector, PublicOnlyConnector) or session.trust_env:
-                raise TypeError("ImageFetcher needs a session from bot.fetch.create_session()")
+                raise TypeError("ImageFetcher needs a session from bot.images.fetch.create_session()")
         self._session = session
         self._owns_session = session is None
         self._limits = limits

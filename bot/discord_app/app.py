@@ -19,10 +19,10 @@ import discord.gateway
 import discord.http
 import yarl
 
-from bot.client import create_bot
-from bot.logging_setup import install_log_redaction
-from bot.metrics import MetricsServerError, start_metrics_server
-from bot.runtime import Services, open_services
+from bot.discord_app.client import create_bot
+from bot.ops.logging_setup import install_log_redaction
+from bot.ops.metrics import MetricsServerError, start_metrics_server
+from bot.pipeline.services import Services, open_services
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.replies import send_notice
+from bot.discord_app.replies import send_notice
 from storage import StorageError, StoredMessage
 
 if TYPE_CHECKING:
-    from bot.client import IdeficsBot
+    from bot.discord_app.client import IdeficsBot
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import discord
 
-from bot.conversation import IncomingMessage
-from bot.images import CheckedImage
+from bot.images.check import CheckedImage
+from bot.pipeline.conversation import IncomingMessage
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bot.conversation import Conversation, ModelInfo
-from bot.fetch import ImageFetcher, create_session
+from bot.images.fetch import ImageFetcher, create_session
+from bot.pipeline.conversation import Conversation, ModelInfo
 from bot.settings import Settings
 from model_server.executor import Executor
 from storage import Database, open_database

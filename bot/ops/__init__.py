@@ -1,0 +1,1 @@
+"""Operations: metrics and health endpoints, log formatting and redaction."""
