@@ -46,7 +46,7 @@ def test_the_bot_and_the_tgi_backend_run_without_loading_torch():
     import subprocess
     import sys
 
-    code = ("import sys, bot.discord_app.app, bot.discord_app.commands, bot.pipeline.conversation, "
-            "model_server.executor, model_server.tgi; print('torch' in sys.modules)")
+    code = ("import sys, bot.discord_app.app, bot.discord_app.cogs.tasks, bot.discord_app.cogs.channel, "
+            "bot.pipeline.conversation, model_server.executor, model_server.tgi; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

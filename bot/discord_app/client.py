@@ -34,6 +34,7 @@ import discord
 from discord.ext import commands
 
 from bot.discord_app.attachments import images_from_message
+from bot.discord_app.cogs import EXTENSIONS
 from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
 from bot.discord_app.replies import MessageReplySink, send_notice
@@ -68,7 +69,9 @@ def bot_intents() -> discord.Intents:
 class IdeficsBot(commands.Bot):
     def __init__(self, services: Services, **kwargs: Any) -> None:
         kwargs.setdefault("intents", bot_intents())
-        kwargs.setdefault("command_prefix", commands.when_mentioned)
+        # Application commands only: no prefix, so no message is ever read as a text command (`on_message` below
+        # does not hand messages to discord.py's command processing either).
+        kwargs.setdefault("command_prefix", ())
         kwargs.setdefault("help_command", None)
         # Model output must never ping: the default for every message, on top of each send's own.
         kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
@@ -90,14 +93,8 @@ class IdeficsBot(commands.Bot):
     # -- lifecycle -----------------------------------------------------------------------------------
     async def setup_hook(self) -> None:
         self._adopt_identity()
-        try:
-            from bot.discord_app.commands import setup_commands
-        except ModuleNotFoundError as exc:
-            if exc.name != "bot.discord_app.commands":
-                raise
-            log.warning("bot.discord_app.commands not found: no slash commands")
-        else:
-            await setup_commands(self)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
         guild_id = self.services.settings.discord_dev_guild_id
         if guild_id is not None:
             self.tree.copy_global_to(guild=discord.Object(guild_id))

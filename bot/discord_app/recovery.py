@@ -31,15 +31,12 @@ import logging
 from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
 
 import discord
 
+from bot.discord_app.protocol import RecoveryHost
 from bot.discord_app.replies import send_notice
 from storage import StorageError, StoredMessage
-
-if TYPE_CHECKING:
-    from bot.discord_app.client import IdeficsBot
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +66,7 @@ def shard_of(guild_id: int | None, shard_count: int) -> int:
     return 0 if guild_id is None else (guild_id >> 22) % shard_count
 
 
-async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: float,
+async def recover_pending(bot: RecoveryHost, *, started_at: datetime, window_s: float,
                           live: Container[str] = ()) -> RecoveryReport:
     """Act once on every Discord request left "pending" by an earlier run (made before `started_at`).
 
@@ -131,7 +128,7 @@ async def recover_pending(bot: IdeficsBot, *, started_at: datetime, window_s: fl
 _Channel = discord.abc.GuildChannel | discord.Thread | discord.abc.PrivateChannel
 
 
-async def _find_channel(bot: IdeficsBot, request: StoredMessage) -> tuple[_Channel | None, int | None] | None:
+async def _find_channel(bot: RecoveryHost, request: StoredMessage) -> tuple[_Channel | None, int | None] | None:
     """The request's channel (None if gone or out of reach) and its guild's id (None: a DM, or gone).
 
     None when Discord could not say (5xx, timeouts): nobody knows whose it is.
@@ -163,7 +160,7 @@ async def _find_message(channel: _Channel, request: StoredMessage) -> discord.Me
         return None
 
 
-async def _unclaim(bot: IdeficsBot, request: StoredMessage) -> None:
+async def _unclaim(bot: RecoveryHost, request: StoredMessage) -> None:
     try:
         await bot.services.conversation.store.claim_request(request.platform_id, "pending", expected="failed")
     except StorageError:

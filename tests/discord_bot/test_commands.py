@@ -7,21 +7,18 @@ import re
 import threading
 from typing import Any
 
+import discord
 import pytest
 
-from bot.discord_app.commands import (
-    BUSY_MESSAGE,
-    INCOMPLETE_EXAMPLE,
-    NEEDS_MANAGE_CHANNELS,
-    NO_IMAGE_IN_MESSAGE,
-    _continue,
-    format_ranking,
-)
+from bot.discord_app.cogs import EXTENSIONS
+from bot.discord_app.cogs.channel import NEEDS_MANAGE_CHANNELS
+from bot.discord_app.cogs.frame import BUSY_MESSAGE
+from bot.discord_app.cogs.tasks import INCOMPLETE_EXAMPLE, NO_IMAGE_IN_MESSAGE, _continue, format_ranking
 from model_server.errors import Busy
 from model_server.tasks import MAX_CATEGORIES
 from model_server.types import GenerationParams, Prompt, RankedCategory
 from tests.conftest import noise_image
-from tests.discord_bot.conftest import RunningBot, add_image_attachment, eventually
+from tests.discord_bot.conftest import RunningBot, add_image_attachment, answer_to, eventually
 from tests.fake_discord import EPHEMERAL, MANAGE_CHANNELS, InteractionRecord
 
 NONE = {"parse": []}
@@ -403,3 +400,21 @@ def test_ranking_percentages_sum_to_100_and_top_cuts() -> None:
 ])
 def test_prompted_caption_joins_prompt_and_continuation(lead: str, text: str, joined: str) -> None:
     assert _continue(lead, text) == joined
+
+
+async def test_the_commands_come_from_two_cogs_and_no_message_is_a_text_command(running_bot: RunningBot) -> None:
+    bot = running_bot.bot
+    assert sorted(bot.extensions) == sorted(EXTENSIONS)
+    assert sorted(bot.cogs) == ["ChannelCommands", "TaskCommands"]
+    assert {c.name for c in bot.tree.get_commands()} == {
+        "caption", "ask", "classify", "story", "fewshot", "Caption image", "reset", "settings", "forget-me", "status"}
+    assert not bot.all_commands
+    fake, world = running_bot.fake, running_bot.world
+    asked = await fake.send_message_as(world.member, world.general, "help", mentions_bot=True)
+    await answer_to(running_bot, world.general, asked)
+    channel = bot.get_channel(world.general.id)
+    assert isinstance(channel, discord.TextChannel)
+    message = await channel.fetch_message(asked.id)
+    assert await bot.get_prefix(message) == []
+    context = await bot.get_context(message)
+    assert context.prefix is None and not context.valid

@@ -197,14 +197,14 @@ async def test_requests_spread_over_replicas_with_the_single_executors_answers(p
 
 
 async def test_status_shows_the_whole_pool(pool: ReplicaPool) -> None:
-    from bot.discord_app.commands import TaskCommands
+    from bot.discord_app.cogs.channel import ChannelCommands
     from bot.pipeline.conversation import ModelInfo
 
     await asyncio.gather(*(pool.generate(p) for p in PROMPTS[:4]))
     await eventually(lambda: pool.stats().running == 0)
     services = SimpleNamespace(model=ModelInfo(name="tiny", instruct=True), executor=pool,
                                settings=SimpleNamespace(generation_backend="local"))
-    text = TaskCommands.describe_status(SimpleNamespace(services=services))  # type: ignore[arg-type]
+    text = ChannelCommands.describe_status(SimpleNamespace(services=services))  # type: ignore[arg-type]
     assert "queue: 0 waiting, 0 running" in text
     assert f"batches run: {len(pool.batches)}" in text and "requests: 4 done, 0 failed" in text
     assert "fault" not in text
