@@ -18,9 +18,18 @@ Hierarchy:
 `user_message` is short, plain and free of URLs or internals: the Discord layer and the terminal commands
 show it without further wrapping. `detail` is for logs only (it may name a host or a library error, never a
 full URL with its query string).
+
+The three packages' roots (`UserInputError`, `model_server.errors.ModelServerError`,
+`storage.errors.StorageError`) share one constructor, `(user_message=None, *, detail="")`, and a class
+attribute `default_user_message`; `str(error)` is the detail when there is one, else the user message.
+`user_message(exc)` below is the one place any exception becomes the line a user reads.
 """
 
 from __future__ import annotations
+
+from model_server.errors import ModelServerError
+from model_server.prompt import PromptError
+from storage.errors import StorageError
 
 _MB = 1024 * 1024
 
@@ -28,22 +37,22 @@ _MB = 1024 * 1024
 class UserInputError(Exception):
     """Root of all errors that are the user's input, not our bug."""
 
-    default_message = "that input could not be used"
+    default_user_message: str = "that input could not be used"
 
     def __init__(self, user_message: str | None = None, *, detail: str = "") -> None:
-        self.user_message: str = user_message or self.default_message
+        self.user_message: str = user_message or self.default_user_message
         """Shown to the user as is: short, lower-case start, no trailing period."""
         self.detail: str = detail
-        """For logs only."""
-        super().__init__(f"{self.user_message} ({detail})" if detail else self.user_message)
+        """For logs only: ids, sizes, hosts, never message text."""
+        super().__init__(detail or self.user_message)
 
 
 class ImageError(UserInputError):
-    default_message = "that image could not be used"
+    default_user_message = "that image could not be used"
 
 
 class NotAnImage(ImageError):
-    default_message = "that file is not an image"
+    default_user_message = "that file is not an image"
 
 
 class ImageTooLarge(ImageError):
@@ -61,7 +70,7 @@ class TooManyPixels(ImageError):
 
 
 class CorruptImage(ImageError):
-    default_message = "the image file is damaged or incomplete"
+    default_user_message = "the image file is damaged or incomplete"
 
 
 class TooManyImages(ImageError):
@@ -71,15 +80,15 @@ class TooManyImages(ImageError):
 
 
 class FetchError(UserInputError):
-    default_message = "the image could not be downloaded"
+    default_user_message = "the image could not be downloaded"
 
 
 class UnsafeUrl(FetchError):
-    default_message = "that link is not allowed"
+    default_user_message = "that link is not allowed"
 
 
 class FetchTimeout(FetchError):
-    default_message = "the image download took too long"
+    default_user_message = "the image download took too long"
 
 
 class FetchFailed(FetchError):
@@ -94,7 +103,7 @@ class FetchFailed(FetchError):
 
 
 class RateLimited(UserInputError):
-    default_message = "you are sending requests too fast; try again in a minute"
+    default_user_message = "you are sending requests too fast; try again in a minute"
 
     def __init__(self, user_message: str | None = None, *, retry_after_s: float | None = None,
                  detail: str = "") -> None:
@@ -107,3 +116,20 @@ def _format_mb(n_bytes: int) -> str:
     # 20 MiB reads "20", 1.5 MiB reads "1.5": users think in round numbers.
     mb = n_bytes / _MB
     return f"{mb:.0f}" if mb == int(mb) else f"{mb:.1f}"
+
+
+INTERNAL_ERROR = "something went wrong on my side; please try again"
+"""What a user reads for an error no package raised on purpose (a bug): the log has the traceback."""
+
+
+def user_message(exc: BaseException) -> str:
+    """The one short line a user reads for `exc`; the detail goes to the log separately.
+
+    The roots of the bot's, the model server's and the storage's errors carry a message written for the user;
+    anything else is a bug, and the user gets `INTERNAL_ERROR`.
+    """
+    if isinstance(exc, UserInputError | ModelServerError | StorageError):
+        return exc.user_message
+    if isinstance(exc, PromptError):  # written for the user, never quoting their text (a ModelServerError to be)
+        return str(exc)
+    return INTERNAL_ERROR

@@ -28,48 +28,45 @@ MAX_SYSTEM_PROMPT_CHARS = 4000
 def validate_setting(name: str, value: Any) -> Any:
     """Return `value` normalised for storage, or raise `InvalidSetting`."""
     if name not in SETTING_NAMES:
-        raise InvalidSetting(
-            f"unknown channel setting {name!r}", user_message=f"There is no setting {name!r}."
-        )
+        raise InvalidSetting(f"There is no setting {name!r}.", detail=f"unknown channel setting {name!r}")
     if value is None:
         return None
     if name in _CHOICES:
         choices = _CHOICES[name]
         if not isinstance(value, str) or value not in choices:
             allowed = ", ".join(sorted(choices))
-            raise InvalidSetting(
-                f"{name}: value outside {sorted(choices)}", user_message=f"{name} must be one of: {allowed}."
-            )
+            raise InvalidSetting(f"{name} must be one of: {allowed}.",
+                                 detail=f"{name}: value outside {sorted(choices)}")
         return value
     if name == "max_new_tokens":
         low, high = MAX_NEW_TOKENS_RANGE
         # bool is an int subclass; True is not a token count.
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise InvalidSetting(
-                f"max_new_tokens: {value!r} outside [{low}, {high}]",
-                user_message=f"max_new_tokens must be a whole number from {low} to {high}.",
+                f"max_new_tokens must be a whole number from {low} to {high}.",
+                detail=f"max_new_tokens: {value!r} outside [{low}, {high}]",
             )
         return value
     if name == "temperature":
-        low, high = TEMPERATURE_RANGE
+        coldest, hottest = TEMPERATURE_RANGE
         if (
             not isinstance(value, int | float)
             or isinstance(value, bool)
             or not math.isfinite(value)
-            or not low <= value <= high
+            or not coldest <= value <= hottest
         ):
             raise InvalidSetting(
-                f"temperature: {value!r} outside [{low}, {high}]",
-                user_message=f"temperature must be a number from {low} to {high}.",
+                f"temperature must be a number from {coldest} to {hottest}.",
+                detail=f"temperature: {value!r} outside [{coldest}, {hottest}]",
             )
         return float(value)
     # system_prompt: free text, bounded so that it cannot crowd the model's 2048-token context out.
     if not isinstance(value, str):
-        raise InvalidSetting("system_prompt: not a string", user_message="The system prompt must be text.")
+        raise InvalidSetting("The system prompt must be text.", detail="system_prompt: not a string")
     value = value.strip()
     if len(value) > MAX_SYSTEM_PROMPT_CHARS:
         raise InvalidSetting(
-            f"system_prompt: {len(value)} chars over {MAX_SYSTEM_PROMPT_CHARS}",
-            user_message=f"The system prompt may be at most {MAX_SYSTEM_PROMPT_CHARS} characters.",
+            f"The system prompt may be at most {MAX_SYSTEM_PROMPT_CHARS} characters.",
+            detail=f"system_prompt: {len(value)} chars over {MAX_SYSTEM_PROMPT_CHARS}",
         )
     return value or None  # an empty prompt is the same as no prompt: use the default

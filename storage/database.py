@@ -80,14 +80,14 @@ async def open_database(
     try:
         sa_url = make_url(url)
     except ArgumentError as exc:
-        raise DatabaseUnavailable(f"cannot parse database URL: {exc}") from exc
+        raise DatabaseUnavailable(detail=f"cannot parse database URL: {exc}") from exc
     shown = sa_url.render_as_string(hide_password=True)
     engine = _create_engine(sa_url, busy_timeout_ms)
     try:
         try:
             await _migrate(engine)
         except (DBAPIError, OSError) as exc:
-            raise DatabaseUnavailable(f"cannot open or migrate {shown}: {exc}") from exc
+            raise DatabaseUnavailable(detail=f"cannot open or migrate {shown}: {exc}") from exc
         sessions = async_sessionmaker(engine, expire_on_commit=False)
         log.info("database open: %s", shown)
         yield Database(
@@ -132,8 +132,8 @@ def _create_engine(url: URL, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> 
                                      pool_reset_on_return=None if is_sqlite else "rollback")
     except ImportError as exc:
         raise DatabaseUnavailable(
-            f"database driver for {url.drivername} is not installed: {exc}",
-            user_message="The database driver is missing (PostgreSQL: pip install 'idefics-bot[postgres]').",
+            "The database driver is missing (PostgreSQL: pip install 'idefics-bot[postgres]').",
+            detail=f"database driver for {url.drivername} is not installed: {exc}",
         ) from exc
     if is_sqlite:
         event.listen(engine.sync_engine, "connect", functools.partial(_set_sqlite_pragmas, busy_timeout_ms))
@@ -148,7 +148,7 @@ def _make_parent_folder(url: URL) -> None:
     try:
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DatabaseUnavailable(f"cannot create the folder of {database}: {exc}") from exc
+        raise DatabaseUnavailable(detail=f"cannot create the folder of {database}: {exc}") from exc
 
 
 def _set_sqlite_pragmas(busy_timeout_ms: int, dbapi_connection: Any, _record: Any) -> None:

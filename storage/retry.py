@@ -132,7 +132,7 @@ def retry_when_locked(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitabl
                 what = f"{method.__name__}({_ident(args[1:])})"
                 if attempt >= policy.lock_retries:
                     log.error("%s: database still locked after %d attempts, giving up", what, attempt + 1)
-                    raise DatabaseBusy(f"{what}: database locked after {attempt + 1} attempts") from exc
+                    raise DatabaseBusy(detail=f"{what}: database locked after {attempt + 1} attempts") from exc
                 pause = policy.lock_backoff_s * 2**attempt
                 attempt += 1
                 log.warning("%s: database locked (attempt %d of %d), retrying in %.2f s", what, attempt,
@@ -193,8 +193,8 @@ def retry_when_disconnected(kind: TransactionKind) -> Callable[[Callable[P, Awai
                     if in_doubt or attempt >= retries:
                         why = "its commit is in doubt" if in_doubt else f"after {attempt + 1} attempts"
                         log.error("%s: database connection lost (%s), giving up: %s", what, reason, why)
-                        raise DatabaseUnavailable(f"{what}: database connection lost ({reason}), {why}",
-                                                  user_message=UNREACHABLE_MESSAGE) from exc
+                        raise DatabaseUnavailable(UNREACHABLE_MESSAGE,
+                                                  detail=f"{what}: database connection lost ({reason}), {why}") from exc
                     pause = policy.reconnect_backoff_s * 2**attempt
                     attempt += 1
                     log.warning("%s: database connection lost (%s; attempt %d of %d), retrying in %.2f s", what,

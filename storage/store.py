@@ -130,7 +130,9 @@ class Store:
         every answer. None (nothing stored, nothing marked) if the answer's platform id is known already.
         """
         if msg.role != "assistant" or msg.reply_to is None:
-            raise InvalidMessage(f"platform_id={msg.platform_id}: an answer is an assistant message with reply_to")
+            raise InvalidMessage(
+                detail=f"platform_id={msg.platform_id}: an answer is an assistant message with reply_to"
+            )
         self._check(msg)
         created_at = msg.created_at or datetime.now(UTC)
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
@@ -228,7 +230,7 @@ class Store:
     async def set_request_state(self, platform_id: str, state: RequestState | None) -> bool:
         """Mark a request "pending", "answered" or "failed" (None: not a request). False if not stored."""
         if state is not None and state not in REQUEST_STATES:
-            raise InvalidMessage(f"unknown request state {state!r}")
+            raise InvalidMessage(detail=f"unknown request state {state!r}")
         async with self._sessions() as session:
             result = await session.execute(
                 update(Message)
@@ -250,7 +252,7 @@ class Store:
         crash, exactly one gets True and acts on it.
         """
         if state not in REQUEST_STATES or expected not in REQUEST_STATES:
-            raise InvalidMessage(f"unknown request state {state!r} or {expected!r}")
+            raise InvalidMessage(detail=f"unknown request state {state!r} or {expected!r}")
         async with self._sessions() as session:
             result = await session.execute(
                 update(Message)
@@ -447,13 +449,13 @@ class Store:
 
     def _check(self, msg: NewMessage) -> None:
         if msg.role not in ROLES:
-            raise InvalidMessage(f"platform_id={msg.platform_id}: unknown role {msg.role!r}")
+            raise InvalidMessage(detail=f"platform_id={msg.platform_id}: unknown role {msg.role!r}")
         if msg.request_state is not None and msg.request_state not in REQUEST_STATES:
             raise InvalidMessage(
-                f"platform_id={msg.platform_id}: unknown request state {msg.request_state!r}"
+                detail=f"platform_id={msg.platform_id}: unknown request state {msg.request_state!r}"
             )
         if msg.created_at is not None and msg.created_at.tzinfo is None:
-            raise InvalidMessage(f"platform_id={msg.platform_id}: created_at has no time zone")
+            raise InvalidMessage(detail=f"platform_id={msg.platform_id}: created_at has no time zone")
         for blob in msg.images:
             if len(blob.data) > self._max_image_bytes:
                 raise ImageTooLarge(len(blob.data), self._max_image_bytes)
@@ -511,7 +513,7 @@ class Store:
             found.update({sha: image_id for sha, image_id in rows})
         if len(found) < len(distinct):
             raise StorageError(
-                f"platform_id={msg.platform_id}: images deleted concurrently {IMAGE_INSERT_ROUNDS} times"
+                detail=f"platform_id={msg.platform_id}: images deleted concurrently {IMAGE_INSERT_ROUNDS} times"
             )
         return found
 
@@ -641,7 +643,8 @@ def _window(rows: Sequence[Any], channel_key: str) -> list[StoredMessage]:
     fields: dict[int, tuple[Any, ...]] = {}
     images: dict[int, list[tuple[int, StoredImage]]] = {}
     for row in rows:
-        message_id, position, sha256, mime, width, height, data = row[0], *row[9:]
+        message_id = row[0]
+        position, sha256, mime, width, height, data = row[9:]
         fields[message_id] = row[:9]
         if position is not None:
             images.setdefault(message_id, []).append(

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from PIL import Image
 
+from bot.errors import user_message
 from bot.images.check import CheckedImage
 from bot.pipeline.decoded_images import DecodedImages
 from model_server.errors import Busy, ModelServerError
@@ -31,7 +32,6 @@ from storage import ChannelSettings, ImageBlob, NewMessage, StorageError, Store,
 log = logging.getLogger(__name__)
 
 EMPTY_ANSWER = "(the model gave an empty answer; try rephrasing)"
-INTERNAL_ERROR = "something went wrong on my side; please try again"
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ class Conversation:
         try:
             prompt = await self.prompt_for(request)
             if self.executor is None:
-                raise ModelServerError("no executor", user_message="no model is loaded")
+                raise ModelServerError(user_message="no model is loaded", detail="no executor")
             handle = self.executor.submit(prompt)
             try:
                 await report_queue(handle, sink)
@@ -233,12 +233,12 @@ class Conversation:
             log.warning("request %s in channel %s not answered: %s", request.platform_id, request.channel_key,
                         type(exc).__name__)
             await self._mark(request, "failed")
-            await sink.failed(exc.user_message if hasattr(exc, "user_message") else str(exc))
+            await sink.failed(user_message(exc))
             return None
-        except Exception:
+        except Exception as exc:
             log.exception("request %s in channel %s failed", request.platform_id, request.channel_key)
             await self._mark(request, "failed")
-            await sink.failed(INTERNAL_ERROR)
+            await sink.failed(user_message(exc))
             return None
         await self.store_answer(request, reply)
         log.info("request %s answered: %d chars, %s, %.2fs", request.platform_id, len(text),

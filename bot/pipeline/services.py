@@ -93,7 +93,7 @@ async def open_tgi_executor(settings: Settings, model: str | None = None,
     from model_server.tgi import TgiExecutor
 
     if not settings.tgi_url:
-        raise ModelLoadError("GENERATION_BACKEND=tgi without TGI_URL",
+        raise ModelLoadError(detail="GENERATION_BACKEND=tgi without TGI_URL",
                              user_message="GENERATION_BACKEND=tgi needs TGI_URL, the text-generation-inference "
                              "server's address (e.g. http://localhost:8080)")
     if progress is not None:

@@ -181,11 +181,11 @@ async def test_a_state_that_could_not_be_written_is_written_later(conversation: 
     async def flaky(platform_id, state):
         if state == "answered" and failures["left"]:
             failures["left"] -= 1
-            raise DatabaseUnavailable("server restarting")
+            raise DatabaseUnavailable(detail="server restarting")
         return await real(platform_id, state)
 
     async def away(msg):  # storing the answer (which marks the request too) fails first
-        raise DatabaseUnavailable("server restarting")
+        raise DatabaseUnavailable(detail="server restarting")
 
     monkeypatch.setattr(store, "append_answer", away)
     monkeypatch.setattr(store, "set_request_state", flaky)

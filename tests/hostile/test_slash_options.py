@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bot.pipeline.conversation import INTERNAL_ERROR
+from bot.errors import INTERNAL_ERROR
 from tests.discord_bot.conftest import RunningBot, add_image_attachment
 from tests.hostile.slash import run_interaction
 

@@ -36,7 +36,7 @@ _SETTING_NAMES = ("answer_mode", "record_mode", "system_prompt", "max_new_tokens
 
 
 class _NotAllowed(UserInputError):
-    default_message = NEEDS_MANAGE_CHANNELS
+    default_user_message = NEEDS_MANAGE_CHANNELS
 
 
 def _choices(*values: str) -> list[app_commands.Choice[str]]:

@@ -15,8 +15,8 @@ from discord.ext import commands
 
 from bot.discord_app.protocol import CommandHost
 from bot.discord_app.replies import NO_MENTIONS, InteractionReplySink, split_message
-from bot.errors import UserInputError
-from bot.pipeline.conversation import EMPTY_ANSWER, INTERNAL_ERROR, ReplySink
+from bot.errors import UserInputError, user_message
+from bot.pipeline.conversation import EMPTY_ANSWER, ReplySink
 from model_server.errors import Busy, ModelServerError
 from model_server.prompt import PromptError
 from storage import StorageError
@@ -24,17 +24,12 @@ from storage import StorageError
 log = logging.getLogger(__name__)
 
 BUSY_MESSAGE = "the model is busy, try again in a minute"
+"""A full queue, as a command's answer says it: without the queue's length, which `Busy.user_message` gives."""
 
 
-def user_message_for(exc: BaseException) -> str:
-    """The one short line a user sees for `exc` (the log gets the detail separately)."""
-    if isinstance(exc, Busy):
-        return BUSY_MESSAGE
-    if isinstance(exc, UserInputError | ModelServerError | StorageError):
-        return exc.user_message
-    if isinstance(exc, PromptError):
-        return str(exc)  # PromptError messages are written for the user and never quote their text
-    return INTERNAL_ERROR
+def shown_message(exc: BaseException) -> str:
+    """`bot.errors.user_message`, but for a full queue the commands' own shorter line."""
+    return BUSY_MESSAGE if isinstance(exc, Busy) else user_message(exc)
 
 
 def context_of(interaction: discord.Interaction) -> str:
@@ -69,10 +64,10 @@ class CommandCog(commands.Cog):
             # `detail` (user errors, storage) and PromptError texts hold ids and sizes, never the user's text.
             log.info("/%s not answered: %s %s: %s", command, context_of(interaction), type(exc).__name__,
                      getattr(exc, "detail", "") or exc)
-            await self._fail(sink, user_message_for(exc))
-        except Exception:
+            await self._fail(sink, shown_message(exc))
+        except Exception as exc:
             log.exception("/%s failed: %s", command, context_of(interaction))
-            await self._fail(sink, INTERNAL_ERROR)
+            await self._fail(sink, shown_message(exc))
         else:
             log.info("/%s answered: %s %.2fs", command, context_of(interaction), time.monotonic() - started)
 

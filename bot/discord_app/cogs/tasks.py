@@ -77,7 +77,7 @@ def _continue(lead: str, text: str) -> str:
 
 def _checked(result: GenerationResult) -> GenerationResult:
     if result.finish_reason is FinishReason.CANCELLED:
-        raise ModelServerError("request cancelled", user_message=CANCELLED_MESSAGE)
+        raise ModelServerError(user_message=CANCELLED_MESSAGE, detail="request cancelled")
     return result
 
 
@@ -98,7 +98,7 @@ class TaskCommands(CommandCog):
 
     def _executor(self) -> Executor:
         if self.services.executor is None:
-            raise ModelServerError("no executor", user_message=NO_MODEL_MESSAGE)
+            raise ModelServerError(user_message=NO_MODEL_MESSAGE, detail="no executor")
         return self.services.executor
 
     async def _images(self, attachments: Sequence[discord.Attachment | None]) -> list[CheckedImage]:
