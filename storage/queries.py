@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
-from sqlalchemy import BindParameter, Integer, Select, String, bindparam, select, update
+from sqlalchemy import BindParameter, Integer, Select, String, Table, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import selectinload
 
@@ -16,13 +16,14 @@ from storage.models import Channel, Image, Message, MessageImage
 CHUNK = 500
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 def window_statement(
     channel_key: str | BindParameter[str],
     limit: int | BindParameter[int],
     before_id: int | BindParameter[int] | None = None,
-) -> Select[tuple[Message]]:
+) -> Select[Message]:
     """The last `limit` messages of a channel, newest first.
 
     The channel id comes from a scalar subquery rather than a join so that the planner sees
@@ -37,7 +38,7 @@ def window_statement(
 
 
 @functools.cache
-def window_rows_statement(before: bool = False) -> Select[Any]:
+def window_rows_statement(before: bool = False) -> Select[*tuple[Any, ...]]:
     """`window_statement` as the store runs it: plain columns, in the order `storage.store._window` unpacks
     them, with `channel_key`, `limit` and (with `before`) `before_id` bound when executing it.
 
@@ -54,7 +55,7 @@ def window_rows_statement(before: bool = False) -> Select[Any]:
 
 
 @functools.cache
-def window_with_images_statement(before: bool = False) -> Select[Any]:
+def window_with_images_statement(before: bool = False) -> Select[*tuple[Any, ...]]:
     """`window_rows_statement` with each message's images, in one statement (one round trip for the window,
     which is read for every message): a row per image, or one with empty image columns for a message without.
 
@@ -73,7 +74,7 @@ def window_with_images_statement(before: bool = False) -> Select[Any]:
     )
 
 
-def with_images(statement: Select[Any]) -> Select[Any]:
+def with_images(statement: Select[*Ts]) -> Select[*Ts]:
     """Load the messages' images in one more query (links joined to images), never one per message."""
     return statement.options(selectinload(Message.image_links).joinedload(MessageImage.image))
 
@@ -100,6 +101,7 @@ def message_insert_statement(dialect_name: str) -> Any:
 def mark_answered_statement() -> Any:
     """Mark the request with platform id `answered` (bound) answered; built once, it runs for every answer."""
     table = Message.__table__
+    assert isinstance(table, Table)  # a mapped class's __table__ is typed as any FromClause
     return (update(table).where(table.c.platform_id == bindparam("answered", type_=String))
             .values(request_state="answered"))
 

@@ -104,10 +104,12 @@ async def _serve(settings: Settings, services: Services, token: str) -> int:
         hurry.set()
         stop.set()
 
+    def report_model_fault(reason: str) -> None:  # on any thread (the executor's watchdog): hop onto the loop
+        loop.call_soon_threadsafe(on_model_fault, reason)
+
     executor = services.executor
     if executor is not None:
-        # Called from any thread (the executor's watchdog): hop onto the loop.
-        executor.on_fatal = lambda reason: loop.call_soon_threadsafe(on_model_fault, reason)
+        executor.on_fatal = report_model_fault
     handled: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / not main thread
@@ -132,14 +134,14 @@ async def _serve(settings: Settings, services: Services, token: str) -> int:
             executor.on_fatal = None
         if metrics is not None:
             await metrics.stop()
-    if runner.done() and not runner.cancelled() and runner.exception() is not None:
-        exc = runner.exception()
-        if isinstance(exc, discord.LoginFailure):
+    failure = runner.exception() if runner.done() and not runner.cancelled() else None
+    if failure is not None:
+        if isinstance(failure, discord.LoginFailure):
             print(BAD_TOKEN, file=sys.stderr)
             return 2
-        if isinstance(exc, discord.PrivilegedIntentsRequired):
+        if isinstance(failure, discord.PrivilegedIntentsRequired):
             print(NO_INTENTS, file=sys.stderr)
             return 2
-        raise exc  # type: ignore[misc]
+        raise failure
     log.info("stopped (exit status %d)", status)
     return status

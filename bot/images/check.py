@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from bot.errors import CorruptImage, ImageError, ImageTooLarge, NotAnImage, TooManyImages, TooManyPixels
 
@@ -131,7 +131,7 @@ def check_images(blobs: Sequence[bytes], limits: ImageLimits) -> list[CheckedIma
 def _check(data: bytes, limits: ImageLimits) -> CheckedImage:
     try:
         src = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except Image.UnidentifiedImageError as exc:
+    except UnidentifiedImageError as exc:
         if _has_image_signature(data):
             raise CorruptImage(detail=f"known signature, PIL cannot open: {exc}"[:200]) from exc
         raise NotAnImage(detail=f"{len(data)} bytes, leading {data[:8].hex()}") from exc
