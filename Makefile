@@ -32,13 +32,13 @@ run: $(STAMP)
 # the storage and Discord tests then run on SQLite and on PostgreSQL.
 .PHONY: test-postgres
 test-postgres: $(STAMP)
-	tests/postgres/with-postgres.sh $(MAKE) test
+	tests/fakes/postgres/with-postgres.sh $(MAKE) test
 
 # CPU benchmarks (tiny model); bench/gpu.py needs a CUDA GPU and is run by hand.
 bench: $(STAMP)
-	$(PY) bench/executor.py
-	$(PY) bench/overhead.py
-	$(PY) bench/batching.py
+	$(PY) -m bench.executor
+	$(PY) -m bench.overhead
+	$(PY) -m bench.batching
 
 clean:
 	rm -rf $(VENV) .pytest_cache

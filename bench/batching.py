@@ -4,8 +4,8 @@
 16 run one at a time the way the guide does it (processor inputs, `model.generate`). The last line is
 one JSON object: sequential_tokens_per_s, batched_tokens_per_s, ratio (target: at least 4).
 
-    python bench/batching.py                       # builds the tiny model in a temporary folder
-    python bench/batching.py --model PATH --requests 32 --max-new-tokens 64
+    python -m bench.batching                       # builds the tiny model in a temporary folder
+    python -m bench.batching --model PATH --requests 32 --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from PIL import Image
@@ -50,7 +48,7 @@ def model_or_tiny(model: str | None, tmp: Path) -> str:
     """`model`, or a fresh tiny IDEFICS built in `tmp` when none is given."""
     if model is not None:
         return model
-    from tests.tiny_idefics import build_tiny_idefics
+    from tests.fakes.tiny_idefics import build_tiny_idefics
 
     return str(build_tiny_idefics(tmp / "tiny"))
 

@@ -13,8 +13,8 @@ Tiny IDEFICS on CPU by default. The last line is one JSON object with sequential
 dynamic_tokens_per_s, continuous_tokens_per_s, ttft_static_s and ttft_continuous_s (targets:
 continuous >= dynamic and >= 4x sequential; ttft_continuous_s <= ttft_static_s / 5).
 
-    python bench/executor.py
-    python bench/executor.py --model PATH --device cuda --requests 32 --max-batch-size 16
+    python -m bench.executor
+    python -m bench.executor --model PATH --device cuda --requests 32 --max-batch-size 16
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from PIL import Image

@@ -23,9 +23,9 @@ Targets: batch-1 decode >= 0.5 of the ceiling; batch 32 >= 2,500 tokens/s aggreg
 size, short runs, progress on stderr; past `--budget` seconds (default 420) it stops and reports what it has.
 The last line on stdout is one JSON object.
 
-    python bench/gpu.py                        # one CUDA GPU (H100/H200 class: ~18 GB weights + KV cache)
-    python bench/gpu.py --batch-sizes 1,32 --new-tokens 32 --budget 200
-    python bench/gpu.py --small --cpu          # the same code path with a tiny config on CPU (a check, ~10 s)
+    python -m bench.gpu                        # one CUDA GPU (H100/H200 class: ~18 GB weights + KV cache)
+    python -m bench.gpu --batch-sizes 1,32 --new-tokens 32 --budget 200
+    python -m bench.gpu --small --cpu          # the same code path with a tiny config on CPU (a check, ~10 s)
 
 Without CUDA (and without `--cpu`) it exits with status 2 and one line on stderr.
 """
@@ -39,10 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 NO_CUDA = "bench/gpu.py needs a CUDA GPU; none found (use --small --cpu to check the script on CPU)"
 

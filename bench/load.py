@@ -1,14 +1,14 @@
 """Load: the real bot (loopback fake Discord, SQLite, the tiny IDEFICS or a real checkpoint) under a stream of
-mentions over many channels, for minutes. The scaled-up twin of `tests/load/test_flood.py`.
+mentions over many channels, for minutes. The scaled-up twin of `tests/system/load/test_flood.py`.
 
 Every message must get exactly one reply: an answer, or the queue-full ("busy") message. The last line is
 one JSON object: answered, refused, other (replies that are neither), lost (must be 0), duplicated,
 out_of_order_channels, p50/p95 latency (mention sent -> the reply's final content reached Discord), the
 longest queue seen, peak RSS and the settings used.
 
-    python bench/load.py                                   # tiny model, 20 channels, 10 msg/s, 60 s
-    python bench/load.py --channels 50 --users 200 --rate 20 --duration 300 --max-queue 64
-    python bench/load.py --model PATH --device cuda --max-new-tokens 64
+    python -m bench.load                                   # tiny model, 20 channels, 10 msg/s, 60 s
+    python -m bench.load --channels 50 --users 200 --rate 20 --duration 300 --max-queue 64
+    python -m bench.load --model PATH --device cuda --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bot.discord_app.client import IdeficsBot
 from bot.pipeline.services import open_services
 from bot.settings import Settings
-from tests.fake_discord import FakeDiscord
-from tests.load.flood import QueueSampler, all_final, build_flood_world, judge, percentile, send_flood
+from tests.fakes.discord_api import FakeDiscord
+from tests.system.load.flood import QueueSampler, all_final, build_flood_world, judge, percentile, send_flood
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from tests.tiny_idefics import build_tiny_idefics
+            from tests.fakes.tiny_idefics import build_tiny_idefics
 
             model = str(build_tiny_idefics(Path(tmp) / "tiny"))
         result = asyncio.run(run(args, model, f"sqlite+aiosqlite:///{Path(tmp) / 'load.sqlite3'}"))

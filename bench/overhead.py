@@ -14,10 +14,10 @@ The model itself is left out: the answer is a fixed text. Target: p50 at the lar
 smallest, and under 5 ms. The last line is one JSON object: p50_ms and p95_ms per size, ratio_p50_<largest>_vs_
 <smallest>, target_met.
 
-    python bench/overhead.py                                  # N = 10, 1000, 100000; 300 messages each
-    python bench/overhead.py --sizes 10,50 --messages 5       # a quick check
-    python bench/overhead.py --database-url postgresql+asyncpg://user:pass@host/db  # its own channels, removed after
-    python bench/overhead.py --model PATH                     # count tokens with the checkpoint's tokenizer
+    python -m bench.overhead                                  # N = 10, 1000, 100000; 300 messages each
+    python -m bench.overhead --sizes 10,50 --messages 5       # a quick check
+    python -m bench.overhead --database-url postgresql+asyncpg://user:pass@host/db  # its own channels, removed after
+    python -m bench.overhead --model PATH                     # count tokens with the checkpoint's tokenizer
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from PIL import Image

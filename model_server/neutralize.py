@@ -15,7 +15,7 @@ Why the output can never contain a special string, whatever the input:
    inside that span would have to come right after another `<` within it, which a special string cannot
    contain (by 2). So the output at p reads as the input did, and no special string starts at p.
 4. A special string starts with `<`, so with no match at any `<` there is no match anywhere.
-`tests/prompt/test_neutralize.py` checks this with hypothesis.
+`tests/model_server/prompt/test_neutralize.py` checks this with hypothesis.
 """
 
 from __future__ import annotations

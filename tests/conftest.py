@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.tiny_idefics import build_tiny_idefics
+from tests.fakes.tiny_idefics import build_tiny_idefics
 
 
 @pytest.fixture(scope="session")

@@ -129,6 +129,6 @@ def test_systemd_unit_restarts_on_failure_and_reads_the_environment_file() -> No
     assert lines["KillSignal"] == "SIGTERM"
 
 
-@pytest.mark.parametrize("script", [".ci/run", "tests/postgres/with-postgres.sh"])
+@pytest.mark.parametrize("script", [".ci/run", "tests/fakes/postgres/with-postgres.sh"])
 def test_shell_scripts_parse(script: str) -> None:
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)

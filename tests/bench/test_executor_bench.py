@@ -1,4 +1,4 @@
-"""bench/executor.py runs end to end on the tiny model and prints its JSON report (small sizes here)."""
+"""`python -m bench.executor` runs end to end on the tiny model and prints its JSON report (small sizes here)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_executor_bench_prints_every_figure() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "executor.py"), "--requests", "4", "--max-batch-size", "2",
+        [sys.executable, "-m", "bench.executor", "--requests", "4", "--max-batch-size", "2",
          "--long-tokens", "24", "--repeats", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

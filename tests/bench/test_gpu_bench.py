@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "gpu.py"
 NO_CUDA = "bench/gpu.py needs a CUDA GPU; none found (use --small --cpu to check the script on CPU)"
 
 
@@ -20,7 +19,7 @@ def run(*args: str, hide_gpus: bool = False) -> subprocess.CompletedProcess[str]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bench.gpu", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 
 

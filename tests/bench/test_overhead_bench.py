@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "overhead.py"
 
 
 def test_tiny_run_prints_the_report_last() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "10,50", "--messages", "5", "--warmup", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--sizes", "10,50", "--messages", "5",
+                           "--warmup", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     report = json.loads(lines[-1])
@@ -30,6 +29,6 @@ def test_tiny_run_prints_the_report_last() -> None:
 
 
 def test_bad_sizes_are_refused_in_one_line() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "ten"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "bench.overhead", "--sizes", "ten"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "--sizes" in proc.stderr and proc.stdout == ""

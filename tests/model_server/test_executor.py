@@ -13,7 +13,7 @@ from model_server.executor import Executor
 from model_server.prompt import render_chat
 from model_server.types import ChatTurn, FinishReason, GenerationParams, Prompt
 from tests.conftest import noise_image
-from tests.faults import stuck_forward
+from tests.fakes.faults import stuck_forward
 
 
 def chat(text: str, n_images: int, image_seed: int = 0, max_new_tokens: int = 16, **params) -> Prompt:

@@ -28,7 +28,7 @@ from model_server.replicas import (
     route,
 )
 from model_server.types import FinishReason
-from tests.faults import stuck_forward as stuck
+from tests.fakes.faults import stuck_forward as stuck
 from tests.model_server.test_executor import PROMPTS
 
 

@@ -94,7 +94,7 @@ def _llama_like_tokenizer():
     """A sentencepiece-style tokenizer (▁ for spaces, byte fallback, leading space stripped), as LLaMA's."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
 
-    from tests.tiny_idefics import _CORPUS
+    from tests.fakes.tiny_idefics import _CORPUS
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -108,7 +108,7 @@ def _llama_like_tokenizer():
 
 def _codecs():
     """(encode, decode) pairs of a byte-level BPE tokenizer (the tiny model's) and a sentencepiece-style one."""
-    from tests.tiny_idefics import build_tokenizer
+    from tests.fakes.tiny_idefics import build_tokenizer
 
     byte_level = build_tokenizer()
     llama_like = _llama_like_tokenizer()

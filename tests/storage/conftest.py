@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from storage import Database, ImageBlob, NewMessage, Store, open_database
-from tests.postgres import BACKENDS, backend_database_url
+from tests.fakes.postgres import BACKENDS, backend_database_url
 
 MAX_IMAGE_BYTES = 64 * 1024
 """The bound the test store enforces: small, so `ImageTooLarge` is cheap to reach."""

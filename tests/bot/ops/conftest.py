@@ -1,0 +1,10 @@
+"""The Discord fixtures of tests/bot/discord_app, for the metrics and health tests."""
+
+from tests.bot.discord_app.conftest import (  # noqa: F401
+    bot_settings,
+    database_url,
+    running_bot,
+    services,
+    services_factory,
+)
+from tests.fakes.discord_api.fixtures import fake_discord  # noqa: F401

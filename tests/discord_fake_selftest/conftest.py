@@ -1,1 +1,0 @@
-from tests.fake_discord.fixtures import fake_discord  # noqa: F401
