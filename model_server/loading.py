@@ -125,14 +125,47 @@ def is_instruct_tokenizer(tokenizer: Any) -> bool:
     return _special_token_id(tokenizer, END_OF_UTTERANCE) is not None
 
 
+def use_release_tokenization(tokenizer: Any) -> None:
+    """Make an IDEFICS v1 (LLaMA SentencePiece) tokenizer give the token ids the model was trained on.
+
+    IDEFICS was trained and released with the "legacy" LLaMA tokenizer: every stretch of text between two special
+    tokens gets its own leading "▁", so `<s>User:` is [1, 4911 "▁User", 29901]. transformers 5 rebuilds a LLaMA
+    tokenizer from the `legacy` key of `tokenizer_config.json`; the released configs lack it (and `save_pretrained`
+    drops it), so it builds the non-legacy one: [1, 2659 "User", 29901], text the model never saw after `<s>` or
+    an image. We set the release tokenizer's own pipeline, whatever the config says: a `Prepend("▁")` +
+    `Replace(" ", "▁")` normalizer and no pre-tokenizer, with special tokens matched on the raw text.
+    """
+    from tokenizers import AddedToken, decoders, normalizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    # A special token matched on normalized text would leave the text after it without its "▁".
+    normalized = [t for t in backend.get_added_tokens_decoder().values() if t.normalized]
+    if normalized:
+        backend.add_special_tokens([AddedToken(t.content, special=True, normalized=False) for t in normalized])
+    tokenizer.legacy = True
+
+
+def _is_idefics_v1(processor: Any) -> bool:
+    return type(processor).__name__ == "IdeficsProcessor"
+
+
 def load_processor(name: str, *, local_only: bool = False) -> Any:
-    """The processor alone (tokenizer + image processor): enough to render and count, no weights."""
+    """The processor alone (tokenizer + image processor): enough to render and count, no weights.
+
+    An IDEFICS v1 tokenizer always tokenizes as at release (`use_release_tokenization`).
+    """
     from transformers import AutoProcessor
 
     try:
         processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
+    if _is_idefics_v1(processor):
+        use_release_tokenization(processor.tokenizer)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token
