@@ -31,16 +31,23 @@ GGUF_NAME = "ggml-vocab-llama-spm.gguf"
 VOCAB_SIZE = 32000
 KNOWN_IDS = {"Hello": [15043], "Hello world": [15043, 3186], "the cat": [278, 6635]}
 KNOWN_PIECES = {0: "<unk>", 1: "<s>", 2: "</s>", 3: "<0x00>", 13: "<0x0A>", 278: "▁the", 29871: "▁"}
+VECTORS = "vectors"
+"""The shipped copies of the test vectors: `vectors.inp`, `vectors.out`."""
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
 
-def read_vectors(models_dir: Path) -> list[tuple[str, list[int]]]:
-    """llama.cpp's test vectors: each text of `.inp` with its ids (one line of `.out`), without BOS."""
-    texts = (models_dir / f"{GGUF_NAME}.inp").read_text(encoding="utf-8").split(VECTOR_SEPARATOR)
+def parse_vectors(inputs: str, outputs: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's test vectors: each text of a `.inp` file with its ids (one line of the `.out`), without BOS."""
+    texts = inputs.split(VECTOR_SEPARATOR)
     texts[-1] = texts[-1].removesuffix("\n__ggml_vocab_test__\n").removesuffix("\n__ggml_vocab_test__")
-    lines = (models_dir / f"{GGUF_NAME}.out").read_text(encoding="utf-8").split("\n")
+    lines = outputs.split("\n")
     ids = [[int(i) for i in line.split()] for line in lines[: len(texts)]]
     return list(zip(texts, ids, strict=True))
+
+
+def read_vectors(models_dir: Path, stem: str = GGUF_NAME) -> list[tuple[str, list[int]]]:
+    return parse_vectors((models_dir / f"{stem}.inp").read_text(encoding="utf-8"),
+                         (models_dir / f"{stem}.out").read_text(encoding="utf-8"))
 
 
 def read_gguf(path: Path) -> tuple[list[str], list[float], list[int]]:
@@ -122,7 +129,7 @@ def build(models_dir: Path, out: Path = OUT) -> None:
     check_sentencepiece(model_path, vectors)
     write_tokenizer_json(model_path, out, vectors)
     for suffix in (".inp", ".out"):
-        shutil.copyfile(models_dir / f"{GGUF_NAME}{suffix}", out / f"vectors{suffix}")
+        shutil.copyfile(models_dir / f"{GGUF_NAME}{suffix}", out / f"{VECTORS}{suffix}")
     print(f"wrote {out}: {VOCAB_SIZE} pieces, {len(vectors)} test vectors pass")
 
 
