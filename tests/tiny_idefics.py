@@ -45,8 +45,15 @@ def _llama_base():
 
 
 def build_tokenizer(*, end_of_utterance: bool = True):
-    """The IDEFICS tokenizer as the hub checkpoints have it: LLaMA-1, bos 1, eos 2, `<unk>` pads on the left."""
+    """The IDEFICS tokenizer as the hub checkpoints have it: LLaMA-1, bos 1, eos 2, `<unk>` pads on the left.
+
+    Its `tokenizer.json` holds the release pipeline, as the hub's does; transformers 5 still rebuilds its own
+    when loading it, which is why `model_server.loading` sets the release one again.
+    """
+    from model_server.loading import use_release_tokenization
+
     tokenizer = copy.deepcopy(_llama_base())
+    use_release_tokenization(tokenizer)
     added = [*IDEFICS_TOKENS, *([END_OF_UTTERANCE] if end_of_utterance else [])]
     tokenizer.add_special_tokens({"additional_special_tokens": added})
     tokenizer.pad_token = tokenizer.unk_token

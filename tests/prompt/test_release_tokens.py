@@ -16,8 +16,8 @@ from model_server.encoding import encode
 from model_server.loading import load_processor
 from model_server.prompt import prompt_text
 from model_server.tasks import fewshot
-from tests.prompt.helpers import IMG, image
 from tests.build_llama_vocab import VECTORS, read_vectors
+from tests.prompt.helpers import IMG, image
 from tests.tiny_idefics import LLAMA_TOKENIZER
 
 GOLDEN_TEXT = ("<s>User:" + IMG + "Describe this image.\nAssistant: An image of two dogs.\nUser:" + IMG
@@ -93,3 +93,12 @@ def test_llama_cpp_vectors(llama_tokenizer) -> None:
             assert llama_tokenizer.decode(got) == text
         else:
             assert got == ids, text
+
+
+def test_a_dry_run_counts_with_the_checkpoints_tokenizer(tiny_model_path: Path) -> None:
+    """`--dry-run` loads no weights, but a local folder's tokenizer files give the exact count."""
+    from bot.runtime import model_info_without_weights
+
+    info = model_info_without_weights(str(tiny_model_path))
+    assert info.instruct
+    assert info.count_tokens is not None and info.count_tokens(GOLDEN_TEXT) == len(GOLDEN_IDS)
