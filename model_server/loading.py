@@ -78,7 +78,8 @@ def resolve_device(requested: str) -> str:
 
 def resolve_dtype(requested: str, device: str) -> torch.dtype:
     if requested != "auto":
-        return getattr(torch, requested)
+        dtype: torch.dtype = getattr(torch, requested)
+        return dtype
     if device.startswith("cuda"):
         # Ampere and newer compute in bfloat16 natively; older GPUs only in float16.
         with torch.cuda.device(torch.device(device)):
@@ -102,7 +103,7 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
-        return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_type="nf4",
@@ -110,7 +111,9 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
             # The vision tower and the output head stay in full precision: quantizing them hurts most.
             llm_int8_skip_modules=["lm_head", "embed_tokens"],
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"])
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"]
+    )
 
 
 def _special_token_id(tokenizer: Any, token: str) -> int | None:
@@ -161,7 +164,7 @@ def load_processor(name: str, *, local_only: bool = False) -> Any:
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)  # type: ignore[no-untyped-call]
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
     if _is_idefics_v1(processor):
@@ -216,7 +219,7 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = IdeficsForVisionText2Text.from_pretrained(config.model, **kwargs)
+        model: Any = IdeficsForVisionText2Text.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(config.model, exc) from exc
     except torch.OutOfMemoryError as exc:
