@@ -8,10 +8,12 @@ with llama.cpp's own test vectors beside it (`.gguf.inp`: texts, `.gguf.out`: th
 2. writes them as a SentencePiece `tokenizer.model` (BPE, byte fallback, digits split, dummy prefix, no
    whitespace folding: the settings of Meta's file);
 3. checks it with `sentencepiece` against the test vectors and a few known ids ("Hello" is 15043, 278 is "▁the");
-4. writes `tokenizer.json` from it with transformers' converter, and checks it gives the same ids.
+4. converts it as the tests do (transformers' converter, then `model_server.loading.use_release_tokenization`)
+   and checks the same ids;
+5. copies the test vectors beside it (`tests/prompt/test_release_tokens.py` checks them at every run).
 
-The test suite loads `tokenizer.json` only, so running the tests needs neither `sentencepiece` nor `protobuf`
-(no slow-to-fast conversion at test time); only this rebuild does (`pip install -e '.[dev]'`).
+The tests convert `tokenizer.model` once per session (`sentencepiece` and `protobuf`, in the `dev` extra); this
+rebuild also needs `gguf` (also in `dev`).
 
     pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d /tmp/lcp
     tar xzf /tmp/lcp/llama_cpp_python-*.tar.gz -C /tmp/lcp
@@ -21,7 +23,6 @@ The test suite loads `tokenizer.json` only, so running the tests needs neither `
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -93,8 +94,8 @@ def check_sentencepiece(model_path: Path, vectors: list[tuple[str, list[int]]]) 
         assert sp.encode(text) == ids, (text, sp.encode(text), ids)
 
 
-def write_tokenizer_json(model_path: Path, out: Path, vectors: list[tuple[str, list[int]]]) -> None:
-    """`tokenizer.json` through transformers' own SentencePiece conversion, with the release pipeline.
+def check_transformers(model_path: Path, vectors: list[tuple[str, list[int]]]) -> None:
+    """The file as the tests load it: transformers' own SentencePiece conversion, with the release pipeline.
 
     It agrees with SentencePiece on every vector except those whose text starts with a space: there the release
     fast tokenizer (no whitespace pre-split) merges the dummy prefix with the space into "▁▁", where SentencePiece
@@ -115,8 +116,6 @@ def write_tokenizer_json(model_path: Path, out: Path, vectors: list[tuple[str, l
             assert tokenizer.decode(got) == text, (text, got)
         else:
             assert got == ids, (text, got, ids)
-    data = json.loads(tokenizer.backend_tokenizer.to_str())
-    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def build(models_dir: Path, out: Path = OUT) -> None:
@@ -127,7 +126,7 @@ def build(models_dir: Path, out: Path = OUT) -> None:
     model_path = out / "tokenizer.model"
     model_path.write_bytes(build_model_proto(pieces, scores, types))
     check_sentencepiece(model_path, vectors)
-    write_tokenizer_json(model_path, out, vectors)
+    check_transformers(model_path, vectors)
     for suffix in (".inp", ".out"):
         shutil.copyfile(models_dir / f"{GGUF_NAME}{suffix}", out / f"{VECTORS}{suffix}")
     print(f"wrote {out}: {VOCAB_SIZE} pieces, {len(vectors)} test vectors pass")

@@ -102,3 +102,17 @@ def test_a_dry_run_counts_with_the_checkpoints_tokenizer(tiny_model_path: Path) 
     info = model_info_without_weights(str(tiny_model_path))
     assert info.instruct
     assert info.count_tokens is not None and info.count_tokens(GOLDEN_TEXT) == len(GOLDEN_IDS)
+
+
+def test_the_rebuild_script_writes_the_shipped_model() -> None:
+    """`tests/build_llama_vocab.py` turns pieces, scores and types into exactly the shipped `tokenizer.model`."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from tests.build_llama_vocab import build_model_proto
+
+    shipped = (LLAMA_TOKENIZER / "tokenizer.model").read_bytes()
+    proto = sp_pb2.ModelProto.FromString(shipped)
+    pieces = list(proto.pieces)
+    assert len(pieces) == 32000
+    rebuilt = build_model_proto([p.piece for p in pieces], [p.score for p in pieces], [p.type for p in pieces])
+    assert rebuilt == shipped
