@@ -116,3 +116,19 @@ def test_the_rebuild_script_writes_the_shipped_model() -> None:
     assert len(pieces) == 32000
     rebuilt = build_model_proto([p.piece for p in pieces], [p.score for p in pieces], [p.type for p in pieces])
     assert rebuilt == shipped
+
+
+def test_special_tokens_are_matched_on_the_raw_text() -> None:
+    """A special token matched after normalization would leave the next stretch without its "▁": such tokens
+    (older tokenizer files mark some `normalized`) are matched on the raw text instead."""
+    from tokenizers import AddedToken
+
+    from model_server.loading import use_release_tokenization
+    from tests.tiny_idefics import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.add_special_tokens([AddedToken("<image>", special=True, normalized=True)])
+    assert tokenizer.backend_tokenizer.get_added_tokens_decoder()[32001].normalized
+    use_release_tokenization(tokenizer)
+    assert not tokenizer.backend_tokenizer.get_added_tokens_decoder()[32001].normalized
+    assert tokenizer("<image>Describe", add_special_tokens=False).input_ids == [32001, 20355, 915]
