@@ -78,7 +78,8 @@ def resolve_device(requested: str) -> str:
 
 def resolve_dtype(requested: str, device: str) -> torch.dtype:
     if requested != "auto":
-        return getattr(torch, requested)
+        dtype: torch.dtype = getattr(torch, requested)
+        return dtype
     if device.startswith("cuda"):
         # Ampere and newer compute in bfloat16 natively; older GPUs only in float16.
         with torch.cuda.device(torch.device(device)):
@@ -102,7 +103,7 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
-        return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             load_in_4bit=True,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_type="nf4",
@@ -110,7 +111,9 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
             # The vision tower and the output head stay in full precision: quantizing them hurts most.
             llm_int8_skip_modules=["lm_head", "embed_tokens"],
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"])
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"]
+    )
 
 
 def _special_token_id(tokenizer: Any, token: str) -> int | None:
@@ -125,14 +128,47 @@ def is_instruct_tokenizer(tokenizer: Any) -> bool:
     return _special_token_id(tokenizer, END_OF_UTTERANCE) is not None
 
 
+def use_release_tokenization(tokenizer: Any) -> None:
+    """Make an IDEFICS v1 (LLaMA SentencePiece) tokenizer give the token ids the model was trained on.
+
+    IDEFICS was trained and released with the "legacy" LLaMA tokenizer: every stretch of text between two special
+    tokens gets its own leading "▁", so `<s>User:` is [1, 4911 "▁User", 29901]. transformers 5 rebuilds a LLaMA
+    tokenizer from the `legacy` key of `tokenizer_config.json`; the released configs lack it (and `save_pretrained`
+    drops it), so it builds the non-legacy one: [1, 2659 "User", 29901], text the model never saw after `<s>` or
+    an image. We set the release tokenizer's own pipeline, whatever the config says: a `Prepend("▁")` +
+    `Replace(" ", "▁")` normalizer and no pre-tokenizer, with special tokens matched on the raw text.
+    """
+    from tokenizers import AddedToken, decoders, normalizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    # A special token matched on normalized text would leave the text after it without its "▁".
+    normalized = [t for t in backend.get_added_tokens_decoder().values() if t.normalized]
+    if normalized:
+        backend.add_special_tokens([AddedToken(t.content, special=True, normalized=False) for t in normalized])
+    tokenizer.legacy = True
+
+
+def _is_idefics_v1(processor: Any) -> bool:
+    return type(processor).__name__ == "IdeficsProcessor"
+
+
 def load_processor(name: str, *, local_only: bool = False) -> Any:
-    """The processor alone (tokenizer + image processor): enough to render and count, no weights."""
+    """The processor alone (tokenizer + image processor): enough to render and count, no weights.
+
+    An IDEFICS v1 tokenizer always tokenizes as at release (`use_release_tokenization`).
+    """
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)  # type: ignore[no-untyped-call]
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
+    if _is_idefics_v1(processor):
+        use_release_tokenization(processor.tokenizer)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token
@@ -183,7 +219,7 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = IdeficsForVisionText2Text.from_pretrained(config.model, **kwargs)
+        model: Any = IdeficsForVisionText2Text.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(config.model, exc) from exc
     except torch.OutOfMemoryError as exc:

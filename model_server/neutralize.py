@@ -15,7 +15,15 @@ Why the output can never contain a special string, whatever the input:
    inside that span would have to come right after another `<` within it, which a special string cannot
    contain (by 2). So the output at p reads as the input did, and no special string starts at p.
 4. A special string starts with `<`, so with no match at any `<` there is no match anywhere.
-`tests/model_server/prompt/test_neutralize.py` checks this with hypothesis.
+
+Role lines. A line of user text that reads `Assistant: ...` or `User: ...` is, token for token, a turn of that
+role (`"\nUser:"` is [13, 2659, 29901] wherever it comes from). The same holds for the task prompts' own markers
+(`Question:`, `Answer:`, ...). Every line that starts (after any spaces) with one of `ROLE_WORDS`, in any case,
+then optional spaces and a colon, gets a U+200B after the word's first letter: the role word is no longer one
+token (`U`, the three bytes of U+200B, `ser`), and a person reads the same line. The start of the text counts as
+a line start, since callers put it after a marker or a name. This runs last and only separates characters, so
+it cannot form a special string; its own output no longer matches, so neutralizing twice changes nothing.
+`tests/model_server/prompt/test_neutralize.py` checks both with hypothesis, and with the real tokenizer.
 """
 
 from __future__ import annotations
@@ -39,17 +47,46 @@ SPECIAL_STRINGS: tuple[str, ...] = (
 # where candidate matches would overlap.
 _SPECIAL_START = re.compile("<(?=" + "|".join(re.escape(s[1:]) for s in SPECIAL_STRINGS) + ")")
 
+ROLE_WORDS: tuple[str, ...] = ("User", "Assistant", "Question", "Answer", "Instruction", "Category", "Story")
+"""Words that open a turn in our prompts (chat and the guide's tasks) when a line starts with them and a colon."""
+
+# Line breaks the model may read as such; other C0 breaks (\v, \f, \r, \x1c-\x1e) are removed before this runs.
+_BREAKS = "\n\x85\u2028\u2029"
+_ROLE_LINE = re.compile(
+    rf"(?<![^{_BREAKS}])[^\S{_BREAKS}]*({'|'.join(ROLE_WORDS)})[^\S{_BREAKS}]*[:\uff1a]", re.IGNORECASE
+)
+
 # C0 controls except \t and \n: NUL and friends have no business in a prompt, and \r only doubles line ends.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f]")
 
 
 def neutralize(text: str) -> str:
-    """Return `text` with control characters removed and every special-token string broken by U+200B.
+    """Return `text` with control characters removed, and every special-token string and role line broken by
+    U+200B.
 
-    Text without special strings or control characters comes back unchanged.
+    Text without special strings, role lines or control characters comes back unchanged.
     """
     text = _CONTROL.sub("", text)
-    return _SPECIAL_START.sub("<" + ZERO_WIDTH_SPACE, text)
+    return neutralize_role_lines(_SPECIAL_START.sub("<" + ZERO_WIDTH_SPACE, text))
+
+
+def _break_role_word(match: re.Match[str]) -> str:
+    cut = match.start(1) - match.start() + 1
+    return match[0][:cut] + ZERO_WIDTH_SPACE + match[0][cut:]
+
+
+def neutralize_role_lines(text: str) -> str:
+    """Put U+200B after the first letter of every role word that opens a line of `text` (see the module doc).
+
+    For text composed of pieces that were neutralized alone, e.g. a name and a message joined as "name: text":
+    the name "User" is harmless alone but opens a role line there.
+    """
+    return _ROLE_LINE.sub(_break_role_word, text)
+
+
+def has_role_line(text: str) -> bool:
+    """Whether a line of `text` (the first included) reads as a turn marker."""
+    return _ROLE_LINE.search(text) is not None
 
 
 def contains_special(text: str) -> bool:

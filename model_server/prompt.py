@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
-from model_server.neutralize import SPECIAL_STRINGS, neutralize
+from model_server.neutralize import neutralize, neutralize_role_lines
 from model_server.types import ChatTurn, GenerationParams, Prompt, PromptItem, Role
 
 BOS = "<s>"
@@ -162,25 +162,33 @@ def finish_items(parts: Sequence[PromptItem]) -> tuple[PromptItem, ...]:
 # Token counting
 
 
-_SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_STRINGS))
-_NON_ASCII_BYTES = bytes(range(0x80, 0x100))
+_ADDED_TOKENS = ("<s>", "</s>", "<unk>", "<image>", "<fake_token_around_image>")
+"""Strings every IDEFICS v1 tokenizer turns into one token of their own. Not `<end_of_utterance>`: base
+checkpoints read it as text, and counted as text (18 bytes) it also covers the instruct case (see below)."""
+_ADDED_RE = re.compile("|".join(re.escape(s) for s in _ADDED_TOKENS))
 
 
 def estimate_tokens(text: str) -> int:
-    """A rough, deliberately high count of LLaMA tokens, for when no tokenizer is at hand.
+    """An upper bound on the LLaMA-1 (IDEFICS v1) token count of `text`, for when no tokenizer is at hand.
 
-    Each special token counts 1; ASCII text 1 per 3 characters (LLaMA averages about 4 on English); every
-    UTF-8 byte of other characters 1 (the byte-fallback worst case, e.g. emoji). Over-counting only trims a
-    little more history than needed; under-counting would overflow the model's 2048 positions.
+    The tokenizer splits `text` at its k added tokens (1 token each) into at most k + 1 stretches, and gives each
+    stretch a leading "▁" (at most 1 token more). Within a stretch every token covers at least one character, and
+    a character that is not a piece of its own falls back to its UTF-8 bytes, one token each; a space becomes the
+    piece "▁". So a stretch of b UTF-8 bytes costs at most 1 + b tokens, and
+
+        tokens(text) <= 2k + 1 + (UTF-8 bytes of text outside the added tokens)       (0 for empty text)
+
+    Anything else read as special (`<end_of_utterance>` of instruct checkpoints) costs 1 token plus one more
+    stretch: 2, less than its bytes. The bound is tight for digits, hex and symbols (one token each) and about
+    four times the real count for English prose; `tests/model_server/prompt/test_estimate_tokens.py` checks it
+    against the real tokenizer with hypothesis. Over-counting only trims more history than needed; under-counting would
+    overflow the model's 2048 positions.
     """
-    specials = len(_SPECIAL_RE.findall(text))
-    rest = _SPECIAL_RE.sub("", text)
-    # Counted in C, not character by character (this runs on every prompt rendered without a tokenizer):
-    # in UTF-8 an ASCII character is one byte below 0x80, and every byte of any other character is 0x80 or more.
-    encoded = rest.encode("utf-8")
-    ascii_chars = len(encoded.translate(None, _NON_ASCII_BYTES))
-    other_bytes = len(encoded) - ascii_chars
-    return specials + -(-ascii_chars // 3) + other_bytes
+    if not text:
+        return 0
+    added = len(_ADDED_RE.findall(text))
+    rest = _ADDED_RE.sub("", text)
+    return 2 * added + 1 + len(rest.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +227,8 @@ def _merge_turns(turns: Sequence[ChatTurn], *, named: bool) -> list[_Block]:
         block.parts.extend(turn.images)
         if named:
             name = _author_name(turn.author)
-            block.parts.append(f"{name}: {text}" if text else f"{name}:")
+            # A name such as "User" would open a role line here: the line is neutralized as a whole.
+            block.parts.append(neutralize_role_lines(f"{name}: {text}" if text else f"{name}:"))
         else:
             block.parts.append(text)
     # An answer whose question is not shown only confuses the model: a window starts with a user turn.
@@ -306,7 +315,7 @@ def render_chat(
     - Only the `max_images` newest images stay images; older ones become `[image]`.
     - `count_tokens(prompt_text(items)) <= max_prompt_tokens`: the oldest turns go first; the last user turn
       always stays, and if it alone is too long its text keeps its end, behind a `…`.
-      `count_tokens=None` uses `estimate_tokens` (an over-estimate).
+      `count_tokens=None` uses `estimate_tokens` (an upper bound).
     - `params` (default `GenerationParams()`) gets the stop string "\\nUser:".
     """
     if not turns:

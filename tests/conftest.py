@@ -29,6 +29,20 @@ def tiny_base_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_processor(tiny_model_path: Path):
+    """The instruct checkpoint's processor as the bot loads it: its tokenizer gives the release token ids."""
+    from model_server.loading import load_processor
+
+    return load_processor(str(tiny_model_path), local_only=True)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tiny_processor):
+    """The real LLaMA-1 vocabulary with IDEFICS's added tokens, tokenizing as at release."""
+    return tiny_processor.tokenizer
+
+
+@pytest.fixture(scope="session")
 def model_config(tiny_model_path: Path):
     from model_server.config import ModelConfig
 

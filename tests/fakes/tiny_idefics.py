@@ -8,8 +8,20 @@ weights. `alpha_initializer="ones"` opens the gated cross-attention so images ch
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 from pathlib import Path
 
+LLAMA_TOKENIZER = Path(__file__).parent / "data" / "llama_tokenizer"
+"""The LLaMA-1 SentencePiece vocabulary (32000 pieces), rebuilt by `tests/fakes/build_llama_vocab.py`.
+
+Only `tokenizer.model` (0.6 MB) is shipped, not the 1.6 MB `tokenizer.json` transformers makes of it: converting it
+takes `sentencepiece` and `protobuf` (both in the `dev` extra) once per test session, and the checkpoints built
+here are saved with a `tokenizer.json`, so loading them (as users load theirs) needs no converter."""
+IDEFICS_TOKENS = ["<fake_token_around_image>", "<image>"]
+"""Added to the LLaMA vocabulary by IDEFICS: ids 32000 and 32001; instruct checkpoints add `<end_of_utterance>`,
+32002."""
+END_OF_UTTERANCE = "<end_of_utterance>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<end_of_utterance>"]
 
 _CORPUS = [
@@ -25,8 +37,38 @@ _CORPUS = [
 ]
 
 
+@functools.cache
+def _llama_base():
+    from transformers import LlamaTokenizer
+
+    return LlamaTokenizer.from_pretrained(LLAMA_TOKENIZER, legacy=True)
+
+
 def build_tokenizer(*, end_of_utterance: bool = True):
-    """A byte-level BPE tokenizer trained in-process, with IDEFICS's special tokens."""
+    """The IDEFICS tokenizer as the hub checkpoints have it: LLaMA-1, bos 1, eos 2, `<unk>` pads on the left.
+
+    Its `tokenizer.json` holds the release pipeline, as the hub's does; transformers 5 still rebuilds its own
+    when loading it, which is why `model_server.loading` sets the release one again.
+    """
+    from model_server.loading import use_release_tokenization
+
+    tokenizer = copy.deepcopy(_llama_base())
+    use_release_tokenization(tokenizer)
+    added = [*IDEFICS_TOKENS, *([END_OF_UTTERANCE] if end_of_utterance else [])]
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = 2048
+    assert [tokenizer.convert_tokens_to_ids(t) for t in added] == list(range(32000, 32000 + len(added)))
+    return tokenizer
+
+
+def build_byte_level_tokenizer(*, end_of_utterance: bool = True):
+    """A byte-level BPE tokenizer trained in-process, with IDEFICS's special tokens.
+
+    Not IDEFICS's vocabulary: the GPT-2 style of byte handling (Idefics2/3 and SmolVLM tokenizers decode this
+    way), for tests of decoding that must hold for both kinds.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,7 +109,7 @@ def build_tiny_idefics(path: str | Path, *, instruct: bool = True, seed: int = 0
 
     # IDEFICS keeps the extra tokens (<image>, <fake_token_around_image>, ...) in a separate trainable
     # embedding: vocab_size covers the base vocabulary, additional_vocab_size the rest.
-    base_vocab = tokenizer.convert_tokens_to_ids("<image>")
+    base_vocab = tokenizer.convert_tokens_to_ids("<fake_token_around_image>")
     config = IdeficsConfig(
         vocab_size=base_vocab,
         additional_vocab_size=len(tokenizer) - base_vocab,

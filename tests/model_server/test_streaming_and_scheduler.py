@@ -90,33 +90,18 @@ def test_split_in_halves():
     assert split_in_halves([1]) == [[1], []]
 
 
-def _llama_like_tokenizer():
-    """A sentencepiece-style tokenizer (▁ for spaces, byte fallback, leading space stripped), as LLaMA's."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
-
-    from tests.fakes.tiny_idefics import _CORPUS
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", *bytes_], show_progress=False))
-    return tok
-
-
 def _codecs():
-    """(encode, decode) pairs of a byte-level BPE tokenizer (the tiny model's) and a sentencepiece-style one."""
-    from tests.fakes.tiny_idefics import build_tokenizer
+    """(encode, decode) pairs of a byte-level BPE tokenizer (as Idefics2/3 and SmolVLM decode) and the real
+    LLaMA-1 one (sentencepiece style: ▁ for spaces, byte fallback, leading space stripped), as IDEFICS v1 has it."""
+    from tests.fakes.tiny_idefics import build_byte_level_tokenizer, build_tokenizer
 
-    byte_level = build_tokenizer()
-    llama_like = _llama_like_tokenizer()
+    byte_level = build_byte_level_tokenizer()
+    llama = build_tokenizer()
     return [
         (lambda text: byte_level(text, add_special_tokens=False).input_ids,
          lambda ids: byte_level.decode(ids, skip_special_tokens=True)),
-        # Its byte tokens (<0x..>) are special to the trainer but text to the decoder.
-        (lambda text: llama_like.encode(text).ids, lambda ids: llama_like.decode(ids, skip_special_tokens=False)),
+        (lambda text: llama(text, add_special_tokens=False).input_ids,
+         lambda ids: llama.decode(ids, skip_special_tokens=True)),
     ]
 
 
