@@ -1,7 +1,7 @@
 """A map that keeps its most recently used entries within a bound on their total size.
 
 Used for image features in the model server (`vision_cache`) and decoded pictures in the bot
-(`bot.decoded_images`). Not thread-safe: each user touches its cache from one thread.
+(`bot.pipeline.decoded_images`). Not thread-safe: each user touches its cache from one thread.
 """
 
 from __future__ import annotations

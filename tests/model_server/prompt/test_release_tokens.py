@@ -97,7 +97,7 @@ def test_llama_cpp_vectors(llama_tokenizer) -> None:
 
 def test_a_dry_run_counts_with_the_checkpoints_tokenizer(tiny_model_path: Path) -> None:
     """`--dry-run` loads no weights, but a local folder's tokenizer files give the exact count."""
-    from bot.runtime import model_info_without_weights
+    from bot.pipeline.services import model_info_without_weights
 
     info = model_info_without_weights(str(tiny_model_path))
     assert info.instruct
