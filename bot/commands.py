@@ -135,7 +135,7 @@ def _context(interaction: discord.Interaction) -> str:
 
 def _checked(result: GenerationResult) -> GenerationResult:
     if result.finish_reason is FinishReason.CANCELLED:
-        raise ModelServerError("request cancelled", user_message=CANCELLED_MESSAGE)
+        raise ModelServerError(CANCELLED_MESSAGE, detail="request cancelled")
     return result
 
 
@@ -192,7 +192,7 @@ class TaskCommands(commands.Cog):
 
     def _executor(self) -> Executor:
         if self.services.executor is None:
-            raise ModelServerError("no executor", user_message=NO_MODEL_MESSAGE)
+            raise ModelServerError(NO_MODEL_MESSAGE, detail="no executor")
         return self.services.executor
 
     async def _images(self, attachments: Sequence[discord.Attachment | None]) -> list[CheckedImage]:

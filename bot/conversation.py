@@ -214,7 +214,7 @@ class Conversation:
         try:
             prompt = await self.prompt_for(request)
             if self.executor is None:
-                raise ModelServerError("no executor", user_message="no model is loaded")
+                raise ModelServerError("no model is loaded", detail="no executor")
             handle = self.executor.submit(prompt)
             try:
                 await report_queue(handle, sink)

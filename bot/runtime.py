@@ -93,9 +93,9 @@ async def open_tgi_executor(settings: Settings, model: str | None = None,
     from model_server.tgi import TgiExecutor
 
     if not settings.tgi_url:
-        raise ModelLoadError("GENERATION_BACKEND=tgi without TGI_URL",
-                             user_message="GENERATION_BACKEND=tgi needs TGI_URL, the text-generation-inference "
-                             "server's address (e.g. http://localhost:8080)")
+        raise ModelLoadError("GENERATION_BACKEND=tgi needs TGI_URL, the text-generation-inference "
+                             "server's address (e.g. http://localhost:8080)",
+                             detail="GENERATION_BACKEND=tgi without TGI_URL")
     if progress is not None:
         progress(f"connecting to text-generation-inference at {settings.tgi_url}")
     async with TgiExecutor(settings.tgi_config()) as executor:

@@ -247,7 +247,7 @@ class Executor:
                 job.cancelled.set()
             self._cond.notify_all()
         for job in dropped:
-            self._fail(job, ExecutorClosed("executor closed before the request started"))
+            self._fail(job, ExecutorClosed(detail="executor closed before the request started"))
         self._watch_stop.set()
         if self._watchdog is not None:
             await asyncio.to_thread(self._watchdog.join, 5.0)
@@ -285,9 +285,9 @@ class Executor:
         try:
             with self._cond:
                 if self._closing:
-                    raise ExecutorClosed("executor is closing")
+                    raise ExecutorClosed(detail="executor is closing")
                 if self._stuck_since is not None:
-                    raise ModelStuck(f"request refused: {self.fault}")
+                    raise ModelStuck(detail=f"request refused: {self.fault}")
                 if len(self._waiting) >= self.config.max_queue:
                     raise Busy(len(self._waiting), self.config.max_queue)
                 self._waiting.append(job)
@@ -304,7 +304,7 @@ class Executor:
 
     def _timed_out(self, job: _Job) -> Exception:
         self._count("timeout")
-        return RequestTimeout("no result from the model thread")
+        return RequestTimeout(detail="no result from the model thread")
 
     def _ahead(self, job: _Job) -> int:
         with self._cond:
@@ -387,7 +387,7 @@ class Executor:
             log.error("model thread made no progress for %.1f s (limit %.1f s): failing %d requests (ids %s)",
                       silent, limit, len(victims), ",".join(str(j.id) for j in victims))
             for job in victims:
-                self._fail(job, ModelStuck(f"request {job.id}: model thread silent for {silent:.1f} s"))
+                self._fail(job, ModelStuck(detail=f"request {job.id}: model thread silent for {silent:.1f} s"))
         if fatal:
             reason = f"model thread stuck for {silent:.0f} s (watchdog {limit:g} s)"
             log.critical("%s; %s", reason, "asking the process to exit" if self.on_fatal else "no on_fatal hook set")
@@ -478,7 +478,7 @@ class Executor:
         for job in expired:
             self._waiting.remove(job)
             self._errors["timeout"] += 1
-            self._fail(job, RequestTimeout(f"request {job.id} expired in the queue"))
+            self._fail(job, RequestTimeout(detail=f"request {job.id} expired in the queue"))
 
     def _start(self, jobs: list[_Job], now: float, batch_size: int) -> None:
         for job in jobs:
@@ -590,7 +590,7 @@ class Executor:
             for job in pending:
                 message = ("the model ran out of memory on this request; try fewer images or a shorter "
                            "message") if oom else None
-                self._fail(job, GenerationFailed(f"{type(exc).__name__}: {exc}", user_message=message))
+                self._fail(job, GenerationFailed(message, detail=f"{type(exc).__name__}: {exc}"))
             return
         for part in (split_in_halves(pending) if oom else [[j] for j in pending]):
             if part:

@@ -61,15 +61,15 @@ def parse_devices(entries: Sequence[str]) -> tuple[str, ...]:
     devices = tuple(entry.strip().lower() for entry in entries)
     for entry, device in zip(entries, devices, strict=True):
         if not device:
-            raise ModelLoadError(f"IDEFICS_DEVICES has an empty entry: {list(entries)!r}",
-                                 user_message=f"IDEFICS_DEVICES has an empty entry: {_EXAMPLE}")
+            raise ModelLoadError(f"IDEFICS_DEVICES has an empty entry: {_EXAMPLE}",
+                                 detail=f"IDEFICS_DEVICES has an empty entry: {list(entries)!r}")
         if _DEVICE.fullmatch(device) is None:
-            raise ModelLoadError(f"IDEFICS_DEVICES entry {entry!r} is not a device",
-                                 user_message=f"IDEFICS_DEVICES: {entry.strip()!r} is not a device; {_EXAMPLE}")
+            raise ModelLoadError(f"IDEFICS_DEVICES: {entry.strip()!r} is not a device; {_EXAMPLE}",
+                                 detail=f"IDEFICS_DEVICES entry {entry!r} is not a device")
     if "cpu" in devices and any(d != "cpu" for d in devices):
-        raise ModelLoadError(f"IDEFICS_DEVICES mixes cpu and cuda: {','.join(devices)}",
-                             user_message="IDEFICS_DEVICES mixes cpu and GPUs: list GPUs only (a CPU replica would "
-                             "answer far slower than the others)")
+        raise ModelLoadError("IDEFICS_DEVICES mixes cpu and GPUs: list GPUs only (a CPU replica would "
+                             "answer far slower than the others)",
+                             detail=f"IDEFICS_DEVICES mixes cpu and cuda: {','.join(devices)}")
     return devices
 
 
@@ -81,8 +81,8 @@ def resolve_devices(entries: Sequence[str]) -> tuple[str, ...]:
     if not devices or devices[0] == "cpu":
         return devices
     if not torch.cuda.is_available():
-        raise ModelLoadError(f"IDEFICS_DEVICES={','.join(devices)} but torch sees no CUDA device",
-                             user_message=f"IDEFICS_DEVICES lists {devices[0]}, but no CUDA GPU is available")
+        raise ModelLoadError(f"IDEFICS_DEVICES lists {devices[0]}, but no CUDA GPU is available",
+                             detail=f"IDEFICS_DEVICES={','.join(devices)} but torch sees no CUDA device")
     count = torch.cuda.device_count()
     resolved: list[str] = []
     for device in devices:
@@ -90,9 +90,9 @@ def resolve_devices(entries: Sequence[str]) -> tuple[str, ...]:
         number = torch.cuda.current_device() if index is None else int(index)
         if number >= count:
             seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            raise ModelLoadError(f"IDEFICS_DEVICES lists {device}, torch sees {count} CUDA devices",
-                                 user_message=f"IDEFICS_DEVICES lists {device}, but this machine has {count} CUDA "
-                                 f"GPU{'s' if count != 1 else ''} ({seen})")
+            raise ModelLoadError(f"IDEFICS_DEVICES lists {device}, but this machine has {count} CUDA "
+                                 f"GPU{'s' if count != 1 else ''} ({seen})",
+                                 detail=f"IDEFICS_DEVICES lists {device}, torch sees {count} CUDA devices")
         resolved.append(f"cuda:{number}")
     return tuple(resolved)
 
@@ -110,7 +110,7 @@ def load_replicas(config: ModelConfig, progress: Progress | None = None) -> list
     say = progress or (lambda line: log.info("%s", line))
     devices = resolve_devices(config.devices)
     if not devices:
-        raise ModelLoadError("load_replicas without devices", user_message="IDEFICS_DEVICES lists no device")
+        raise ModelLoadError("IDEFICS_DEVICES lists no device", detail="load_replicas without devices")
     dtypes = {resolve_dtype(config.dtype, device) for device in devices}
     # Only GPUs of different generations disagree ("auto": bfloat16 on some, float16 on others).
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float16
@@ -229,14 +229,14 @@ class ReplicaPool:
 
     def _pick(self) -> Executor:
         if self._closing:
-            raise ExecutorClosed("executor is closing")
+            raise ExecutorClosed(detail="executor is closing")
         parts = [replica.stats() for replica in self.replicas]
         waiting = sum(p.queue_length for p in parts)
         if waiting >= self.config.max_queue:
             raise Busy(waiting, self.config.max_queue)
         chosen = route([None if p.fault is not None else p.queue_length + p.running for p in parts])
         if chosen is None:
-            raise ModelStuck(f"request refused: {self.fault}")
+            raise ModelStuck(detail=f"request refused: {self.fault}")
         log.debug("request routed to %s (loads %s)", self._label(chosen),
                   ",".join(str(p.queue_length + p.running) for p in parts))
         return self.replicas[chosen]

@@ -222,7 +222,7 @@ class TgiExecutor:
                 await asyncio.wait_for(self._idle.wait(), grace_s)
         while self._waiting:
             job = self._waiting.popleft()
-            self._fail(job, ExecutorClosed("executor closed before the request started"))
+            self._fail(job, ExecutorClosed(detail="executor closed before the request started"))
         tasks = [job.task for job in self._running if job.task is not None]
         for job in list(self._running):
             self._cancel(job)
@@ -250,7 +250,7 @@ class TgiExecutor:
         loop = asyncio.get_running_loop()
         refusal: Exception | None = None
         if self._closing:
-            refusal = ExecutorClosed("executor is closing")
+            refusal = ExecutorClosed(detail="executor is closing")
         elif len(self._waiting) >= self.config.max_queue:
             refusal = Busy(len(self._waiting), self.config.max_queue)
         if refusal is not None:
@@ -283,7 +283,7 @@ class TgiExecutor:
         return job.deadline - asyncio.get_running_loop().time() + 5.0
 
     def _timed_out(self, job: _Job) -> Exception:
-        return RequestTimeout(f"request {job.id} passed its deadline while queued")
+        return RequestTimeout(detail=f"request {job.id} passed its deadline while queued")
 
     def _ahead(self, job: _Job) -> int:
         try:
@@ -334,19 +334,19 @@ class TgiExecutor:
                 self._complete(job, job.sent, FinishReason.CANCELLED, state.prompt_tokens, state.completion_tokens,
                                state.first_token_at)
             else:  # the loop itself is going away
-                self._fail(job, ExecutorClosed("request task cancelled"))
+                self._fail(job, ExecutorClosed(detail="request task cancelled"))
                 raise
         except TimeoutError:
             if job.sent:
                 self._complete(job, job.sent, FinishReason.TIMEOUT, state.prompt_tokens, state.completion_tokens,
                                state.first_token_at)
             else:
-                self._fail(job, RequestTimeout(f"request {job.id} passed its deadline"))
+                self._fail(job, RequestTimeout(detail=f"request {job.id} passed its deadline"))
         except ModelServerError as exc:
             self._fail(job, exc)
         except Exception as exc:
             log.exception("request %d failed unexpectedly", job.id)
-            self._fail(job, GenerationFailed(f"{type(exc).__name__}: {exc}", user_message=FAILED_MESSAGE))
+            self._fail(job, GenerationFailed(FAILED_MESSAGE, detail=f"{type(exc).__name__}: {exc}"))
         finally:
             self._running.discard(job)
             self._dispatch()
@@ -394,7 +394,7 @@ class TgiExecutor:
                 if event.get("generated_text") is not None and reason is None:
                     reason = FinishReason.END_OF_UTTERANCE
         if reason is None:
-            raise GenerationFailed("TGI stream ended without a final event", user_message=FAILED_MESSAGE)
+            raise GenerationFailed(FAILED_MESSAGE, detail="TGI stream ended without a final event")
         self._delta(job, assembler.finish())
         if not state.prompt_tokens:
             state.prompt_tokens = estimate_tokens(_text_only(job.prompt))
@@ -406,8 +406,7 @@ class TgiExecutor:
         answer = await self.client.generate(body)
         prefill = (answer.get("details") or {}).get("prefill")
         if not isinstance(prefill, list) or not prefill:
-            raise GenerationFailed("TGI returned no prefill details (decoder_input_details)",
-                                   user_message=FAILED_MESSAGE)
+            raise GenerationFailed(FAILED_MESSAGE, detail="TGI returned no prefill details (decoder_input_details)")
         return prefill
 
     async def _prompt_ids(self, prompt: Prompt, parameters: dict[str, Any]) -> list[int]:

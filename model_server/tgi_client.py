@@ -26,7 +26,14 @@ from typing import Any
 
 import aiohttp
 
-from model_server.errors import GenerationFailed, ModelLoadError, RequestTimeout
+from model_server.errors import (
+    GenerationFailed,
+    ModelLoadError,
+    RequestRejected,
+    RequestTimeout,
+    ServerUnavailable,
+    StreamBroken,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +47,6 @@ FAILED_MESSAGE = "the model server failed on this request, please try again"
 CUT_MESSAGE = "the connection to the model server was lost mid-answer, please ask again"
 TOO_LONG_MESSAGE = "this conversation is too long for the model server; send a shorter message or /reset"
 INVALID_MESSAGE = "the model server rejected this request as invalid"
-
-
-class RequestRejected(GenerationFailed):
-    """TGI answered 422: the request is invalid (often: prompt too long). Never retried."""
-
-
-class ServerUnavailable(GenerationFailed):
-    """TGI could not be reached, or stayed overloaded / not ready, through every retry."""
-
-
-class StreamBroken(GenerationFailed):
-    """The stream broke after tokens were already streamed: not retried (the user saw them)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,10 +162,10 @@ def _rejection(status: int, error: str, error_type: str) -> Exception:
     detail = f"TGI {status} {error_type}: {error}"[:500]
     if status == 422 or error_type == "validation":
         too_long = "token" in error.lower() or "length" in error.lower()
-        return RequestRejected(detail, user_message=TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE)
+        return RequestRejected(TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE, detail=detail)
     if status in RETRYABLE_STATUS or error_type == "overloaded":
-        return ServerUnavailable(detail, user_message=OVERLOADED_MESSAGE)
-    return GenerationFailed(detail, user_message=FAILED_MESSAGE)
+        return ServerUnavailable(OVERLOADED_MESSAGE, detail=detail)
+    return GenerationFailed(FAILED_MESSAGE, detail=detail)
 
 
 class TgiClient:
@@ -214,9 +209,9 @@ class TgiClient:
                 reason = exc.detail if isinstance(exc, _Retryable) else f"{type(exc).__name__}: {exc}"
                 if loop.time() + pause > give_up:
                     raise ModelLoadError(
-                        f"TGI at {self.base_url}: {reason}",
-                        user_message=f"text-generation-inference at {self.base_url} is not reachable / not ready "
+                        f"text-generation-inference at {self.base_url} is not reachable / not ready "
                         f"({reason}); start it or fix TGI_URL",
+                        detail=f"TGI at {self.base_url}: {reason}",
                     ) from exc
                 log.info("waiting for text-generation-inference at %s: %s", self.base_url, reason)
                 await asyncio.sleep(pause)
@@ -244,8 +239,8 @@ class TgiClient:
                 return await attempt()
             except _Retryable as exc:
                 if retry >= self.retry.max_retries:
-                    raise ServerUnavailable(f"{what}: {exc.detail} (after {retry} retries)",
-                                           user_message=exc.user_message) from None
+                    raise ServerUnavailable(exc.user_message,
+                                            detail=f"{what}: {exc.detail} (after {retry} retries)") from None
                 delay = self.retry.delay(retry, exc.retry_after)
                 retry += 1
                 log.info("%s: %s; retry %d/%d in %.2fs", what, exc.detail, retry, self.retry.max_retries, delay)
@@ -274,8 +269,7 @@ class TgiClient:
             if isinstance(result, list):  # some versions answer a one-element list
                 result = result[0] if result else {}
             if not isinstance(result, dict):
-                raise GenerationFailed("TGI /generate answered something other than an object",
-                                       user_message=FAILED_MESSAGE)
+                raise GenerationFailed(FAILED_MESSAGE, detail="TGI /generate answered something other than an object")
             return result
 
         return await self._with_retries("generate", attempt)
@@ -298,11 +292,10 @@ class TgiClient:
                 return
             except _Retryable as exc:
                 if yielded:
-                    raise StreamBroken(f"stream: {exc.detail} after tokens were streamed",
-                                       user_message=CUT_MESSAGE) from None
+                    raise StreamBroken(CUT_MESSAGE, detail=f"stream: {exc.detail} after tokens were streamed") from None
                 if retry >= self.retry.max_retries:
-                    raise ServerUnavailable(f"stream: {exc.detail} (after {retry} retries)",
-                                            user_message=exc.user_message) from None
+                    raise ServerUnavailable(exc.user_message,
+                                            detail=f"stream: {exc.detail} (after {retry} retries)") from None
                 delay = self.retry.delay(retry, exc.retry_after)
                 retry += 1
                 log.info("stream: %s; retry %d/%d in %.2fs", exc.detail, retry, self.retry.max_retries, delay)
@@ -322,15 +315,14 @@ class TgiClient:
             except aiohttp.ClientError as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}", UNREACHABLE_MESSAGE) from exc
             except TimeoutError as exc:
-                raise RequestTimeout("TGI sent no response headers", user_message=self._stall_message()) from exc
+                raise RequestTimeout(self._stall_message(), detail="TGI sent no response headers") from exc
             await self._raise_for(response)
             parser = SseParser()
             stall_at = loop.time() + self.stall_s
             while True:
                 left = stall_at - loop.time()
                 if left <= 0:
-                    raise RequestTimeout(f"no event from TGI for {self.stall_s:g}s",
-                                         user_message=self._stall_message())
+                    raise RequestTimeout(self._stall_message(), detail=f"no event from TGI for {self.stall_s:g}s")
                 try:
                     chunk = await asyncio.wait_for(response.content.readany(), left)
                 except TimeoutError:
@@ -367,10 +359,10 @@ def _parse_event(data: str) -> dict[str, Any]:
     try:
         event = json.loads(data)
     except ValueError as exc:
-        raise GenerationFailed(f"TGI sent an event that is not JSON ({len(data)} chars)",
-                               user_message=FAILED_MESSAGE) from exc
+        raise GenerationFailed(FAILED_MESSAGE,
+                               detail=f"TGI sent an event that is not JSON ({len(data)} chars)") from exc
     if not isinstance(event, dict):
-        raise GenerationFailed("TGI sent an event that is not an object", user_message=FAILED_MESSAGE)
+        raise GenerationFailed(FAILED_MESSAGE, detail="TGI sent an event that is not an object")
     return event
 
 
