@@ -41,8 +41,8 @@ from bot.images import CheckedImage
 from bot.replies import NO_MENTIONS, InteractionReplySink, split_message
 from bot.triggers import DEFAULT_ANSWER_MODE, DEFAULT_RECORD_MODE
 from model_server import tasks
+from model_server.backend import GenerationBackend, RequestHandle
 from model_server.errors import Busy, ModelServerError
-from model_server.executor import Executor, RequestHandle
 from model_server.prompt import PromptError
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 from storage import ChannelSettings, StorageError
@@ -190,7 +190,7 @@ class TaskCommands(commands.Cog):
         for part in parts[1:]:
             await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, ephemeral=ephemeral)
 
-    def _executor(self) -> Executor:
+    def _executor(self) -> GenerationBackend:
         if self.services.executor is None:
             raise ModelServerError(NO_MODEL_MESSAGE, detail="no executor")
         return self.services.executor

@@ -26,12 +26,12 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model_server.config import ModelConfig
 from model_server.encoding import encode, encode_texts, preprocess_images
-from model_server.loading import LoadedModel
+from model_server.loading import LoadedModel, gpu_memory
 from model_server.prompt import prompt_text
 from model_server.running_batch import RowState, RunningBatch, new_cache, new_generator
 from model_server.streaming import TextAssembler, cut_at_stop
 from model_server.types import FinishReason, Prompt
-from model_server.vision_cache import VisionCache, image_key
+from model_server.vision_cache import VisionCache, VisionCacheStats, image_key
 
 DEFAULT_VISION_CACHE_BYTES = ModelConfig.vision_cache_mb * 2**20
 
@@ -106,6 +106,16 @@ class LocalEngine:
     def free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return is_out_of_memory(exc)
+
+    def vision_cache_stats(self) -> VisionCacheStats:
+        return self.vision_cache.stats()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of tensors allocated on each GPU (`loading.gpu_memory`)."""
+        return gpu_memory()
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

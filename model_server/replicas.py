@@ -1,8 +1,8 @@
 """Several model replicas in one process: one per device, each with its own `Executor` and model thread.
 
 `IDEFICS_DEVICES=cuda:0,cuda:1` loads the whole model once per listed device (`device_map={"": device}`, never
-spread) and serves the replicas as one `ReplicaPool`, which has the executor's public surface (`submit`,
-`generate`, `rank`, `stats`, `batches`, `fault`, `on_fatal`, `close`, `async with`). A checkpoint too large for
+spread) and serves the replicas as one `ReplicaPool`, which keeps the same `backend.GenerationBackend` contract
+as a single executor. A checkpoint too large for
 one GPU (80B) does not use this: without `IDEFICS_DEVICES` one model is spread over all GPUs (`loading`).
 
 Routing: each request goes to the healthy replica with the fewest requests waiting plus running (ties: the lowest
@@ -30,11 +30,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
+from model_server.backend import BatchRecord, ExecutorStats, GenerationBackend, Observer, RequestHandle
 from model_server.config import ModelConfig
 from model_server.errors import Busy, ExecutorClosed, ModelLoadError, ModelStuck
-from model_server.executor import BatchRecord, Executor, ExecutorStats, RequestHandle
+from model_server.executor import Executor
 from model_server.types import GenerationResult, Prompt, RankedCategory
 from model_server.vision_cache import VisionCacheStats
 
@@ -145,6 +147,7 @@ def merge_stats(parts: Sequence[ExecutorStats], latencies: Sequence[float], faul
         median_latency_s=statistics.median(latencies) if latencies else None,
         batches=sum(p.batches for p in parts), errors=errors, fault=fault,
         vision_cache=merge_vision_cache([p.vision_cache for p in parts if p.vision_cache is not None]),
+        latencies_s=tuple(latencies),
     )
 
 
@@ -185,7 +188,8 @@ class ReplicaPool:
         self.start()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
         await self.close()
 
     def start(self) -> None:
@@ -214,7 +218,7 @@ class ReplicaPool:
         return lambda reason: hook(f"{self._label(index)}: {reason}")
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle[Any]:
         """Queue on the least loaded healthy replica; the handle is that replica's (`ahead()` counts its queue)."""
         return self._pick().submit(prompt, timeout_s=timeout_s)
 
@@ -244,8 +248,8 @@ class ReplicaPool:
     # -- what `/status`, tests and benchmarks read -----------------------------------------------
     def stats(self) -> ExecutorStats:
         parts = [replica.stats() for replica in self.replicas]
-        # The executor keeps its last 200 latencies; a median of the replicas' medians would not be the median.
-        latencies = [s for replica in self.replicas for s in replica._latencies.copy()]
+        # Each replica reports its last 200 latencies; a median of the replicas' medians would not be the median.
+        latencies = [s for part in parts for s in part.latencies_s]
         return merge_stats(parts, latencies, self.fault)
 
     def replica_stats(self) -> list[tuple[str, ExecutorStats]]:
@@ -258,6 +262,27 @@ class ReplicaPool:
         records = [ReplicaBatchRecord(r.size, r.kind, r.started, index)
                    for index, replica in enumerate(self.replicas) for r in replica.batches.copy()]
         return sorted(records, key=lambda r: r.started)
+
+    @property
+    def alive(self) -> bool:
+        """Every replica's model thread runs."""
+        return all(replica.alive for replica in self.replicas)
+
+    async def health(self) -> str | None:
+        return self.fault or (None if self.alive else "model thread not running")
+
+    def memory(self) -> dict[str, int]:
+        # Every replica reports every GPU of the process: asking one is enough.
+        return self.replicas[0].memory()
+
+    def add_observer(self, observer: Observer) -> None:
+        """Each replica tells `observer` its requests' outcomes."""
+        for replica in self.replicas:
+            replica.add_observer(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        for replica in self.replicas:
+            replica.remove_observer(observer)
 
     @property
     def fault(self) -> str | None:
@@ -278,3 +303,8 @@ def local_executor(models: Sequence[LoadedModel], config: ModelConfig, *,
 
         return Executor(LocalEngine.for_config(models[0], config), config, batch_window_s=batch_window_s)
     return ReplicaPool.from_models(models, config, batch_window_s=batch_window_s)
+
+
+if TYPE_CHECKING:
+    def _keeps_the_contract(backend: ReplicaPool) -> GenerationBackend:
+        return backend  # mypy checks that `ReplicaPool` is a `GenerationBackend`

@@ -4,7 +4,7 @@ TGI batches continuously on its side, so there is no batch picking here: request
 queue (past `max_queue` `submit` raises `Busy`) and at most `max_batch_size` of them are sent to TGI at once;
 each takes the next free slot, oldest first. Everything runs on the event loop (it is all I/O).
 
-What a request does (see `tgi_render` for the body, `tgi_client` for the wire and the retries):
+What a request does (see `render` for the body, `client` for the wire and the retries):
 
 - generate: `POST /generate_stream`; token texts go through the same `TextAssembler` as the local engine,
   so deltas never show a stop string or half of one, and the deltas concatenate to the result's text;
@@ -29,39 +29,42 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import math
 import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelServerError, RequestTimeout
-from model_server.executor import (
+from model_server.backend import (
     BatchRecord,
     ExecutorStats,
+    GenerationBackend,
+    Job,
+    Observer,
+    Outcome,
     RequestHandle,
     notify_observers,
+    rank_by_scores,
     resolve_job,
+)
+from model_server.config import TgiConfig
+from model_server.errors import (
+    Busy,
+    ExecutorClosed,
+    GenerationFailed,
+    ModelServerError,
+    RequestRejected,
+    RequestTimeout,
+    ServerUnavailable,
+    StreamBroken,
 )
 from model_server.prompt import END_OF_UTTERANCE, estimate_tokens
 from model_server.streaming import TextAssembler
-from model_server.tgi_client import (
-    FAILED_MESSAGE,
-    RequestRejected,
-    RetryPolicy,
-    ServerUnavailable,
-    StreamBroken,
-    TgiClient,
-    closing_stream,
-)
-from model_server.tgi_render import (
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_STOP_SEQUENCES,
-    build_body,
-    tgi_parameters,
-)
+from model_server.tgi.client import FAILED_MESSAGE, RetryPolicy, TgiClient, closing_stream
+from model_server.tgi.info import TgiServerInfo
+from model_server.tgi.render import build_body, tgi_parameters
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 
 log = logging.getLogger(__name__)
@@ -78,87 +81,16 @@ FINISH_REASONS = {
 }
 
 
-@dataclass(frozen=True)
-class TgiConfig:
-    url: str
-    """Base URL of the TGI server (`TGI_URL`), e.g. `http://tgi:80`."""
-    max_batch_size: int = 8
-    """Most requests sent to TGI at once (TGI batches them continuously)."""
-    max_queue: int = 64
-    """Most requests waiting here; past it `submit` raises `Busy`."""
-    request_timeout_s: float = 180.0
-    """Longest a request may take from submission to its last token, retries included."""
-    connect_timeout_s: float = 10.0
-    """Connecting to TGI, and each of `/health` and `/info`."""
-    stall_s: float = 60.0
-    """Longest wait for the next streamed event (first token included) before the request fails."""
-    max_retries: int = 3
-    """Retries of connection errors, 429 and 503, only before any token was streamed."""
-    backoff_s: float = 0.5
-    """First retry pause, doubled each time; a `Retry-After` header wins."""
-    start_wait_s: float = 0.0
-    """How long `start()` waits for TGI to become ready before giving up."""
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    """TGI's `--payload-limit`: images are shrunk until a request body is under it."""
+HEALTH_INTERVAL_S = 5.0
+"""`health()` asks TGI's `/health` at most this often; calls in between get the last answer."""
 
 
-@dataclass(frozen=True)
-class TgiServerInfo:
-    """What `GET /info` says that matters here."""
+@dataclass(eq=False, kw_only=True)
+class TgiJob(Job):
+    """A request on TGI: "generate" or "rank"; all its times are the event loop's clock (`loop.time()`)."""
 
-    model_id: str
-    max_input_tokens: int | None
-    max_total_tokens: int | None
-    max_stop_sequences: int = DEFAULT_MAX_STOP_SEQUENCES
-    version: str | None = None
-
-    @classmethod
-    def from_info(cls, info: dict[str, Any]) -> TgiServerInfo:
-        def number(*keys: str) -> int | None:
-            for key in keys:
-                value = info.get(key)
-                if isinstance(value, int) and value > 0:
-                    return value
-            return None
-
-        return cls(
-            model_id=str(info.get("model_id") or "unknown"),
-            max_input_tokens=number("max_input_tokens", "max_input_length"),
-            max_total_tokens=number("max_total_tokens"),
-            max_stop_sequences=number("max_stop_sequences") or DEFAULT_MAX_STOP_SEQUENCES,
-            version=info.get("version") if isinstance(info.get("version"), str) else None,
-        )
-
-    def max_positions(self, max_new_tokens: int) -> int:
-        """Positions to tell the prompt renderer, which keeps prompts to this minus `max_new_tokens`.
-
-        TGI refuses prompts over `max_input_tokens` and prompt plus answer over `max_total_tokens`.
-        """
-        limits = [2048]
-        if self.max_total_tokens:
-            limits.append(self.max_total_tokens)
-        if self.max_input_tokens:
-            limits.append(self.max_input_tokens + max_new_tokens)
-        return min(limits)
-
-
-@dataclass(eq=False)
-class _Job:
-    id: int
-    kind: str
-    """"generate" or "rank"."""
-    prompt: Prompt
-    categories: tuple[str, ...]
-    future: asyncio.Future
-    deltas: asyncio.Queue
-    submitted: float
-    deadline: float
-    """`loop.time()` after which the request times out (all times of a job are the loop's clock)."""
-    started_event: asyncio.Event = field(default_factory=asyncio.Event)
-    started: float | None = None
-    task: asyncio.Task | None = None
+    task: asyncio.Task[None] | None = None
     cancelled: bool = False
-    sent: str = ""
 
 
 class TgiExecutor:
@@ -172,8 +104,8 @@ class TgiExecutor:
             max_connections=config.max_batch_size + 2,
         )
         self.server: TgiServerInfo | None = None
-        self._waiting: deque[_Job] = deque()
-        self._running: set[_Job] = set()
+        self._waiting: deque[TgiJob] = deque()
+        self._running: set[TgiJob] = set()
         self._closing = False
         self._ids = itertools.count(1)
         self._latencies: deque[float] = deque(maxlen=200)
@@ -190,8 +122,12 @@ class TgiExecutor:
         self.on_fatal: Callable[[str], None] | None = None
         """Never called: no thread here can hang, and an unreachable TGI fails requests (and shows in `fault`)
         rather than the process. Kept so front ends treat both executors alike."""
-        self.observers: list[Callable[[GenerationResult | Exception], None]] = []
-        """Told each request's outcome (metrics), as `Executor.observers`; called on the event loop."""
+        self.observers: list[Observer] = []
+        """Told each request's outcome (see `backend.Observer`); called on the event loop."""
+        self.health_interval_s = HEALTH_INTERVAL_S
+        self._health_checked_at: float | None = None
+        self._health_problem: str | None = None
+        self._health_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> TgiExecutor:
@@ -202,7 +138,8 @@ class TgiExecutor:
             raise
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
         await self.close()
 
     async def start(self) -> TgiServerInfo:
@@ -225,13 +162,13 @@ class TgiExecutor:
             self._fail(job, ExecutorClosed(detail="executor closed before the request started"))
         tasks = [job.task for job in self._running if job.task is not None]
         for job in list(self._running):
-            self._cancel(job)
+            self.cancel_job(job)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.close()
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle[TgiJob]:
         if prompt.params.decoding == "beam" and prompt.params.num_beams > 1 and not self._warned_beam:
             self._warned_beam = True
             log.info("beam search is not available on text-generation-inference: beam requests run greedy")
@@ -244,9 +181,9 @@ class TgiExecutor:
                    timeout_s: float | None = None) -> list[RankedCategory]:
         """Every category scored by its likelihood after `prompt`, most likely first."""
         job = self._enqueue("rank", prompt, tuple(categories), timeout_s)
-        return await RequestHandle(self, job).result()  # type: ignore[return-value]
+        return await RequestHandle(self, job).ranking()
 
-    def _enqueue(self, kind: str, prompt: Prompt, categories: tuple[str, ...], timeout_s: float | None) -> _Job:
+    def _enqueue(self, kind: str, prompt: Prompt, categories: tuple[str, ...], timeout_s: float | None) -> TgiJob:
         loop = asyncio.get_running_loop()
         refusal: Exception | None = None
         if self._closing:
@@ -257,7 +194,7 @@ class TgiExecutor:
             self._observe(refusal)
             raise refusal
         now = loop.time()
-        job = _Job(id=next(self._ids), kind=kind, prompt=prompt, categories=categories,
+        job = TgiJob(id=next(self._ids), kind=kind, prompt=prompt, categories=categories,
                    future=loop.create_future(), deltas=asyncio.Queue(), submitted=now,
                    deadline=now + (timeout_s or self.config.request_timeout_s))
         self._waiting.append(job)
@@ -278,20 +215,21 @@ class TgiExecutor:
         if not self._waiting and not self._running:
             self._idle.set()
 
-    def _wait_budget(self, job: _Job) -> float:
+    # -- what a RequestHandle asks (backend.JobOwner) --------------------------------------------
+    def wait_budget(self, job: TgiJob) -> float:
         # A running request enforces its own deadline; this also ends one still queued past it.
         return job.deadline - asyncio.get_running_loop().time() + 5.0
 
-    def _timed_out(self, job: _Job) -> Exception:
+    def timed_out(self, job: TgiJob) -> Exception:
         return RequestTimeout(detail=f"request {job.id} passed its deadline while queued")
 
-    def _ahead(self, job: _Job) -> int:
+    def position(self, job: TgiJob) -> int:
         try:
             return self._waiting.index(job)
         except ValueError:
             return 0
 
-    def _cancel(self, job: _Job) -> None:
+    def cancel_job(self, job: TgiJob) -> None:
         if job.future.done() or job.cancelled:
             return
         job.cancelled = True
@@ -302,13 +240,40 @@ class TgiExecutor:
         elif job.task is not None:
             job.task.cancel()  # closes the stream: see `_run`
 
+    # -- what front ends read (backend.GenerationBackend) ----------------------------------------
     def stats(self) -> ExecutorStats:
-        latencies = list(self._latencies)
+        latencies = tuple(self._latencies)
         return ExecutorStats(
             queue_length=len(self._waiting), running=len(self._running), completed=self._completed,
             failed=self._failed, median_latency_s=statistics.median(latencies) if latencies else None,
-            batches=len(self.batches), errors=dict(self._errors), fault=self.fault,
+            batches=len(self.batches), errors=dict(self._errors), fault=self.fault, latencies_s=latencies,
         )
+
+    @property
+    def alive(self) -> bool:
+        """Always true: no thread here can die (an unreachable TGI shows in `fault` and `health`)."""
+        return True
+
+    async def health(self) -> str | None:
+        """The fault, else what TGI's `/health` said at the last check (at most `health_interval_s` ago)."""
+        if self.fault:
+            return self.fault
+        async with self._health_lock:  # one check at a time; calls that come meanwhile share its result
+            loop = asyncio.get_running_loop()
+            if self._health_checked_at is None or loop.time() - self._health_checked_at >= self.health_interval_s:
+                self._health_problem = await self.client.health()
+                self._health_checked_at = loop.time()
+            return self._health_problem
+
+    def memory(self) -> dict[str, int]:
+        return {}  # no local model
+
+    def add_observer(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        if observer in self.observers:
+            self.observers.remove(observer)
 
     @property
     def fault(self) -> str | None:
@@ -319,7 +284,7 @@ class TgiExecutor:
         return f"text-generation-inference unavailable for {time.monotonic() - since:.0f} s"
 
     # -- running one request ---------------------------------------------------------------------
-    async def _run(self, job: _Job) -> None:
+    async def _run(self, job: TgiJob) -> None:
         state = _Progress()
         try:
             async with asyncio.timeout_at(job.deadline):
@@ -358,7 +323,7 @@ class TgiExecutor:
             log.debug("request body %d bytes, images %s bytes", len(built.body), list(built.image_bytes))
         return built.body
 
-    async def _generate(self, job: _Job, state: _Progress) -> None:
+    async def _generate(self, job: TgiJob, state: _Progress) -> None:
         params = job.prompt.params
         server = self.server or TgiServerInfo("unknown", None, None)
         body = await self._body(job.prompt, tgi_parameters(params, max_stop_sequences=server.max_stop_sequences))
@@ -422,7 +387,7 @@ class TgiExecutor:
             self._prefill_cache.popitem(last=False)
         return ids
 
-    async def _rank(self, job: _Job) -> list[RankedCategory]:
+    async def _rank(self, job: TgiJob) -> list[RankedCategory]:
         # One token is the least TGI generates; only the prompt's own log-probabilities are used.
         parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": True, "do_sample": False}
         base_ids = await self._prompt_ids(job.prompt, parameters)
@@ -437,21 +402,15 @@ class TgiExecutor:
                           min(len(ids), len(base_ids)))
             common = max(1, min(common, len(ids) - 1))
             scores.append(sum(float(t.get("logprob") or 0.0) for t in prefill[common:]))
-        top = max(scores)
-        weights = [math.exp(s - top) for s in scores]
-        total = sum(weights)
-        return sorted(
-            (RankedCategory(c, w / total, s) for c, w, s in zip(job.categories, weights, scores, strict=True)),
-            key=lambda r: r.probability, reverse=True,
-        )
+        return rank_by_scores(job.categories, scores)
 
     # -- handing results back --------------------------------------------------------------------
-    def _delta(self, job: _Job, delta: str) -> None:
+    def _delta(self, job: TgiJob, delta: str) -> None:
         if delta:
             job.sent += delta
             job.deltas.put_nowait(delta)
 
-    def _complete(self, job: _Job, text: str, reason: FinishReason, prompt_tokens: int, completion_tokens: int,
+    def _complete(self, job: TgiJob, text: str, reason: FinishReason, prompt_tokens: int, completion_tokens: int,
                   first_token_at: float | None) -> None:
         now = asyncio.get_running_loop().time()
         result = GenerationResult(
@@ -466,12 +425,12 @@ class TgiExecutor:
         self._observe(result)
         resolve_job(job, result)
 
-    def _record_latency(self, job: _Job) -> None:
+    def _record_latency(self, job: TgiJob) -> None:
         self._completed += 1
         self._unavailable_since = None
         self._latencies.append(asyncio.get_running_loop().time() - job.submitted)
 
-    def _fail(self, job: _Job, exc: Exception) -> None:
+    def _fail(self, job: TgiJob, exc: Exception) -> None:
         self._failed += 1
         self._errors[_error_kind(exc)] += 1
         if isinstance(exc, ServerUnavailable):
@@ -480,7 +439,7 @@ class TgiExecutor:
         self._observe(exc)
         resolve_job(job, exc)
 
-    def _observe(self, outcome: GenerationResult | Exception) -> None:
+    def _observe(self, outcome: Outcome) -> None:
         notify_observers(self.observers, outcome)
 
 
@@ -515,3 +474,8 @@ def _error_kind(exc: Exception) -> str:
 
 def _text_only(prompt: Prompt) -> str:
     return "".join(item for item in prompt.items if isinstance(item, str))
+
+
+if TYPE_CHECKING:
+    def _keeps_the_contract(backend: TgiExecutor) -> GenerationBackend:
+        return backend  # mypy checks that `TgiExecutor` is a `GenerationBackend`

@@ -38,6 +38,8 @@ from model_server.errors import (
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 503})
+HEALTH_TIMEOUT_S = 2.0
+"""A `/health` probe (metrics' `/healthz`) that takes longer counts as TGI not reachable."""
 MAX_RETRY_AFTER_S = 30.0
 """A server asking for a longer pause than this is treated as down for this request."""
 
@@ -196,7 +198,16 @@ class TgiClient:
             await self._session.close()
             self._session = None
 
-    # -- start-up checks -------------------------------------------------------------------------
+    # -- start-up and health checks -------------------------------------------------------------
+    async def health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> str | None:
+        """None when `GET /health` answers 200 within `timeout_s`, else what went wrong (for `/healthz`)."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self.session.get(self.base_url + "/health", timeout=timeout) as response:
+                return None if response.status == 200 else f"text-generation-inference /health: {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"text-generation-inference not reachable ({type(exc).__name__})"
+
     async def check_ready(self, wait_s: float = 0.0) -> dict[str, Any]:
         """`GET /health` then `GET /info`; retried for up to `wait_s` seconds. Returns the info object."""
         loop = asyncio.get_running_loop()

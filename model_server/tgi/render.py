@@ -28,12 +28,12 @@ from typing import Any
 
 from PIL import Image
 
+from model_server.config import DEFAULT_MAX_BODY_BYTES
 from model_server.errors import GenerationFailed
 from model_server.neutralize import ZERO_WIDTH_SPACE
 from model_server.prompt import CHAT_STOP, END_OF_UTTERANCE
 from model_server.types import GenerationParams, PromptItem
 
-DEFAULT_MAX_BODY_BYTES = 2_000_000
 """TGI's default `--payload-limit`."""
 IMAGE_SIDE = 448
 """Longest side of an image sent to TGI at first: twice what the IDEFICS image processor keeps."""
