@@ -18,7 +18,7 @@ import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from model_server.types import GenerationResult, Prompt, RankedCategory
 from model_server.vision_cache import VisionCacheStats
@@ -88,7 +88,6 @@ class Job:
     """The text streamed so far."""
 
 
-J = TypeVar("J", bound=Job)
 J_contra = TypeVar("J_contra", bound=Job, contravariant=True)
 
 
@@ -108,10 +107,10 @@ class JobOwner(Protocol[J_contra]):
         """The exception a caller gets when `wait_budget` ran out (counted as a timeout)."""
 
 
-class RequestHandle(Generic[J]):
+class RequestHandle:
     """A submitted request: iterate it for text deltas, await `result()` for the final answer."""
 
-    def __init__(self, owner: JobOwner[J], job: J) -> None:
+    def __init__(self, owner: JobOwner[Any], job: Job) -> None:
         self._owner = owner
         self._job = job
 
@@ -182,7 +181,7 @@ class GenerationBackend(Protocol):
     async def close(self, grace_s: float = 0.0) -> None:
         """Refuse new requests; let queued and running ones finish for `grace_s`, then cancel the rest."""
 
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle[Any]:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
         """Queue a generation (raises `Busy`, `ExecutorClosed` or `ModelStuck` at once when refused)."""
 
     async def generate(self, prompt: Prompt, *, timeout_s: float | None = None) -> GenerationResult:

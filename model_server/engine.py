@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -30,7 +31,7 @@ from model_server.loading import LoadedModel, gpu_memory
 from model_server.prompt import prompt_text
 from model_server.running_batch import RowState, RunningBatch, new_cache, new_generator
 from model_server.streaming import TextAssembler, cut_at_stop
-from model_server.types import FinishReason, Prompt
+from model_server.types import FinishReason, GenerationParams, Prompt
 from model_server.vision_cache import VisionCache, VisionCacheStats, image_key
 
 DEFAULT_VISION_CACHE_BYTES = ModelConfig.vision_cache_mb * 2**20
@@ -100,7 +101,7 @@ class LocalEngine:
         return cls(loaded, vision_cache_bytes=config.vision_cache_mb * 2**20)
 
     # -- model calls (one place, so tests can inject faults here) --------------------------------
-    def forward(self, **kwargs):
+    def forward(self, **kwargs: Any) -> Any:
         return self.model(**kwargs)
 
     def free_memory(self) -> None:
@@ -118,7 +119,7 @@ class LocalEngine:
         return gpu_memory()
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     # -- image features --------------------------------------------------------------------------
     def _image_features(self, images: Sequence[Sequence[Image.Image]], slots: int) -> torch.Tensor:
@@ -270,7 +271,7 @@ class LocalEngine:
         return tokens
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
         probs = torch.softmax(logits / max(params.temperature, 1e-5), dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)

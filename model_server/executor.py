@@ -129,7 +129,7 @@ class Executor:
             return self._cond.wait_for(lambda: not self._waiting and not self._running, timeout_s)
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle[LocalJob]:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
         kind = "beam" if prompt.params.decoding == "beam" and prompt.params.num_beams > 1 else "generate"
         return RequestHandle(self, self._enqueue(kind, prompt, (), timeout_s))
 

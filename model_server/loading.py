@@ -76,7 +76,9 @@ def resolve_device(requested: str) -> str:
 
 def resolve_dtype(requested: str, device: str) -> torch.dtype:
     if requested != "auto":
-        return getattr(torch, requested)
+        dtype = getattr(torch, requested)
+        assert isinstance(dtype, torch.dtype), requested
+        return dtype
     if device.startswith("cuda"):
         # Ampere and newer compute in bfloat16 natively; older GPUs only in float16.
         with torch.cuda.device(torch.device(device)):
@@ -97,7 +99,7 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
-        return BitsAndBytesConfig(
+        return BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # transformers leaves it untyped
             load_in_4bit=True,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_type="nf4",
@@ -105,7 +107,8 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
             # The vision tower and the output head stay in full precision: quantizing them hurts most.
             llm_int8_skip_modules=["lm_head", "embed_tokens"],
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"])
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]  # transformers leaves it untyped
+        load_in_8bit=True, llm_int8_skip_modules=["lm_head", "embed_tokens"])
 
 
 def _special_token_id(tokenizer: Any, token: str) -> int | None:
@@ -125,7 +128,8 @@ def load_processor(name: str, *, local_only: bool = False) -> Any:
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]  # untyped in transformers
+            name, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
     processor.tokenizer.padding_side = "left"
@@ -182,8 +186,8 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
         raise ModelLoadError("not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
                              detail=f"out of memory loading {config.model}: {exc}") from exc
     if device == "cpu":
-        model.to("cpu")
-    model.eval()
+        model.to("cpu")  # type: ignore[arg-type]  # transformers' wrapper of Module.to is typed for models only
+    model.eval()  # type: ignore[no-untyped-call]  # untyped in transformers
 
     eou = _special_token_id(tokenizer, END_OF_UTTERANCE)
     stops = tuple(t for t in (eou, tokenizer.eos_token_id) if t is not None)
@@ -192,6 +196,7 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     positions = min(TRAINED_POSITIONS, int(getattr(model.config, "max_position_embeddings", TRAINED_POSITIONS)))
     # With device_map="auto" the layers may sit on several GPUs; inputs go where the embeddings are.
     first_device = model.get_input_embeddings().weight.device
+    assert isinstance(first_device, torch.device)
     loaded = LoadedModel(
         name=config.model,
         model=model,

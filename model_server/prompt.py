@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
-from model_server.errors import PromptError
+from model_server.errors import PromptError as PromptError  # raised here; callers may import it from here
 from model_server.neutralize import SPECIAL_STRINGS, neutralize
 from model_server.types import ChatTurn, GenerationParams, Prompt, PromptItem, Role
 

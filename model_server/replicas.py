@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from model_server.backend import BatchRecord, ExecutorStats, GenerationBackend, Observer, RequestHandle
 from model_server.config import ModelConfig
@@ -120,11 +120,15 @@ def load_replicas(config: ModelConfig, progress: Progress | None = None) -> list
     started = time.monotonic()
     loaded: list[LoadedModel] = []
     for number, device in enumerate(devices, 1):
-        prefix = f"replica {number}/{len(devices)} on {device}: "
-        loaded.append(load_model(config, lambda line, prefix=prefix: say(prefix + line), device=device))
+        loaded.append(load_model(config, _prefixed(say, f"replica {number}/{len(devices)} on {device}: "),
+                                 device=device))
     if len(devices) > 1:
         say(f"{len(devices)} replicas ready in {time.monotonic() - started:.1f}s")
     return loaded
+
+
+def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: say(prefix + line)
 
 
 # -- the pool --------------------------------------------------------------------------------------------------
@@ -218,7 +222,7 @@ class ReplicaPool:
         return lambda reason: hook(f"{self._label(index)}: {reason}")
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle[Any]:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
         """Queue on the least loaded healthy replica; the handle is that replica's (`ahead()` counts its queue)."""
         return self._pick().submit(prompt, timeout_s=timeout_s)
 

@@ -168,7 +168,7 @@ class TgiExecutor:
         await self.client.close()
 
     # -- submitting ------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle[TgiJob]:
+    def submit(self, prompt: Prompt, *, timeout_s: float | None = None) -> RequestHandle:
         if prompt.params.decoding == "beam" and prompt.params.num_beams > 1 and not self._warned_beam:
             self._warned_beam = True
             log.info("beam search is not available on text-generation-inference: beam requests run greedy")

@@ -20,9 +20,9 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -36,6 +36,8 @@ from model_server.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RETRYABLE_STATUS = frozenset({429, 503})
 HEALTH_TIMEOUT_S = 2.0
@@ -124,7 +126,7 @@ class RetryPolicy:
     def delay(self, retry: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after
-        base = min(self.backoff_s * (2 ** retry), self.max_backoff_s)
+        base = min(self.backoff_s * (2.0 ** retry), self.max_backoff_s)
         return base * (1.0 + 0.1 * random.random())
 
 
@@ -242,7 +244,7 @@ class TgiClient:
         return info
 
     # -- requests --------------------------------------------------------------------------------
-    async def _with_retries(self, what: str, attempt):
+    async def _with_retries(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt()` until it returns, retrying `_Retryable` failures with backoff."""
         retry = 0
         while True:
@@ -285,7 +287,7 @@ class TgiClient:
 
         return await self._with_retries("generate", attempt)
 
-    async def stream(self, body: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         """`POST /generate_stream`: each event's JSON object, in order, until the stream ends.
 
         Close the iterator (`contextlib.aclosing`) to stop early: the response, and with it the connection
@@ -312,7 +314,7 @@ class TgiClient:
                 log.info("stream: %s; retry %d/%d in %.2fs", exc.detail, retry, self.retry.max_retries, delay)
                 await asyncio.sleep(delay)
 
-    async def _stream_once(self, body: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def _stream_once(self, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         loop = asyncio.get_running_loop()
         response: aiohttp.ClientResponse | None = None
         finished = False
