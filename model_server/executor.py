@@ -47,7 +47,7 @@ from model_server.vision_cache import VisionCacheStats
 from model_server.watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from model_server.engine import Row
+    from model_server.engine import Row, StepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ log = logging.getLogger(__name__)
 class Engine(Protocol):
     """What the executor needs from a model: `engine.LocalEngine` is the in-process one."""
 
-    def generate(self, rows: Sequence[Row], after_step: Callable[[], None] | None = None) -> None: ...
-    def prefill(self, rows: Sequence[Row]) -> Any: ...
-    def step(self, batch: Any) -> Any: ...
-    def beam_search(self, rows: Sequence[Row]) -> None: ...
+    def generate(self, rows: Sequence[Row], after_step: Callable[[StepOutcome], None]) -> None: ...
+    def prefill(self, rows: Sequence[Row]) -> StepOutcome: ...
+    def step(self, batch: Any) -> StepOutcome: ...
+    def beam_search(self, rows: Sequence[Row]) -> StepOutcome: ...
     def score(self, prompt: Prompt, continuations: Sequence[str], chunk: int) -> list[float]: ...
     def free_memory(self) -> None: ...
     def is_out_of_memory(self, exc: BaseException) -> bool: ...
@@ -80,6 +80,8 @@ class Executor:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self.delivery = Delivery(self._cond)
+        self._by_id: dict[int, LocalJob] = {}
+        """The requests whose rows the model thread runs, by id (the engine's outcomes name rows by it)."""
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
         self.on_fatal: Callable[[str], None] | None = None
         """Called once, from the watchdog thread, when the model thread stays stuck past twice
@@ -351,6 +353,7 @@ class Executor:
 
     def _after_model_call(self, running: list[LocalJob]) -> None:
         """The model thread came back: record who still runs; a stuck call that returned clears the fault."""
+        self._by_id = {j.id: j for j in running}  # rows that failed or were given up on leave with their batch
         with self._cond:
             self._running = running
             stuck_for = self.watchdog.recovered()
@@ -361,32 +364,41 @@ class Executor:
     def _rows(self, jobs: list[LocalJob]) -> list[Row]:
         from model_server.engine import Row
 
-        def on_done(job: LocalJob) -> Callable[[str, FinishReason, int, int, float | None], None]:
-            return lambda text, reason, p, c, first: self.delivery.complete(job, text, reason, p, c, first)
+        self._by_id.update((j.id, j) for j in jobs)
+        return [Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, key=j.id, sent=j.sent,
+                    on_step=self.watchdog.beat) for j in jobs]
 
-        def on_delta(job: LocalJob) -> Callable[[str], None]:
-            return lambda delta: self._delta(job, delta)
-
-        return [Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, sent=j.sent, on_delta=on_delta(j),
-                    on_done=on_done(j), on_step=self.watchdog.beat) for j in jobs]
+    def _update(self, outcome: StepOutcome) -> None:
+        """Apply what one model call did: stream each row's new text, answer the rows that ended."""
+        for row, delta in outcome.deltas:
+            self._delta(self._by_id[row.key], delta)
+        for done in outcome.finished:
+            job = self._by_id.pop(done.row.key)
+            self.delivery.complete(job, done.text, done.reason, done.prompt_tokens, done.completion_tokens,
+                                   done.first_token_at)
+        self.delivery.flush()
 
     def _prefill(self, jobs: list[LocalJob], running: int) -> tuple[Any, list[Row]]:
         """Start `jobs`; on failure they are retried on their own (see `_recover`) and None comes back."""
         self.batches.append(BatchRecord(running + len(jobs), "generate", time.monotonic()))
         rows = self._rows(jobs)
         try:
-            return self.engine.prefill(rows), rows
+            outcome = self.engine.prefill(rows)
         except Exception as exc:
-            self._recover(jobs, rows, exc)
+            self._recover(jobs, exc)
             return None, rows
+        self._update(outcome)
+        return outcome.batch, rows
 
     def _step(self, batch: Any, live: list[tuple[LocalJob, Row]]) -> Any:
         """One decode step of the running batch; on failure its rows are retried on their own."""
         try:
-            return self.engine.step(batch)
+            outcome = self.engine.step(batch)
         except Exception as exc:
-            self._recover([j for j, _ in live], [r for _, r in live], exc)
+            self._recover([j for j, _ in live], exc)
             return None
+        self._update(outcome)
+        return outcome.batch
 
     def _execute(self, jobs: list[LocalJob]) -> None:
         """Run `jobs` as one batch to its end (scoring and beam search alone)."""
@@ -395,15 +407,15 @@ class Executor:
             if jobs[0].kind == "rank":
                 self._rank(jobs[0])
             elif jobs[0].kind == "beam":
-                self.engine.beam_search(rows)
+                self._update(self.engine.beam_search(rows))
             else:
-                self.engine.generate(rows, after_step=self.delivery.flush)
+                self.engine.generate(rows, after_step=self._update)
         except Exception as exc:
-            self._recover(jobs, rows, exc)
+            self._recover(jobs, exc)
 
-    def _recover(self, jobs: list[LocalJob], rows: list[Row], exc: Exception) -> None:
+    def _recover(self, jobs: list[LocalJob], exc: Exception) -> None:
         """After a model error: retried as `failed_batch.retry_parts` says; a request alone fails."""
-        pending = [j for j, r in zip(jobs, rows, strict=True) if not r.done and not j.settled]
+        pending = [j for j in jobs if not j.settled]
         oom = self.engine.is_out_of_memory(exc)
         self.delivery.count("oom" if oom else "error")
         log.warning("batch of %d failed (%s%s); %d to retry", len(jobs), type(exc).__name__,

@@ -1,4 +1,4 @@
-"""`TgiExecutor`: the executor's public surface, with generation done by a text-generation-inference server.
+"""`TgiExecutor`: the `backend.GenerationBackend` contract, with generation done by a text-generation-inference server.
 
 TGI batches continuously on its side, so there is no batch picking here: requests wait in a bounded local
 queue (past `max_queue` `submit` raises `Busy`) and at most `max_batch_size` of them are sent to TGI at once;
@@ -6,16 +6,9 @@ each takes the next free slot, oldest first. Everything runs on the event loop (
 
 What a request does (see `render` for the body, `client` for the wire and the retries):
 
-- generate: `POST /generate_stream`; token texts go through the same `TextAssembler` as the local engine,
-  so deltas never show a stop string or half of one, and the deltas concatenate to the result's text;
-  special tokens (`</s>`, `<end_of_utterance>`) are not text. TGI's finish reasons map to ours:
-  `length` -> LENGTH, `eos_token` -> END_OF_UTTERANCE, `stop_sequence` -> STOP_STRING, except that a stop on
-  `<end_of_utterance>` (which TGI handles as a stop sequence, since the checkpoint's EOS is `</s>`) is the
-  model ending its turn: END_OF_UTTERANCE, as on the local engine.
+- generate: `POST /generate_stream`, read by `stream.read_answer` (deltas, finish reasons).
 - beam: TGI has no beam search; it runs greedy (logged once).
-- rank: one `POST /generate` per category with `decoder_input_details`, summing the prompt log-probabilities
-  TGI returns for the category's tokens, from the first token where the text leaves the prompt's own
-  tokens (the prompt alone is asked once and cached). Normalised like the local executor's.
+- rank: one `POST /generate` per category (`ranking.Ranker`).
 
 Deadlines: past its deadline a request that already streamed text ends with TIMEOUT and that text (as on the
 local engine); one that streamed nothing raises `RequestTimeout`. Cancelling a running request closes its
@@ -26,12 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import statistics
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -46,7 +38,6 @@ from model_server.backend import (
     Outcome,
     RequestHandle,
     notify_observers,
-    rank_by_scores,
     resolve_job,
 )
 from model_server.config import TgiConfig
@@ -60,11 +51,12 @@ from model_server.errors import (
     ServerUnavailable,
     StreamBroken,
 )
-from model_server.prompt import END_OF_UTTERANCE, estimate_tokens
-from model_server.streaming import TextAssembler
+from model_server.prompt import estimate_tokens
+from model_server.tgi import ranking
 from model_server.tgi.client import FAILED_MESSAGE, RetryPolicy, TgiClient, closing_stream
 from model_server.tgi.info import TgiServerInfo
 from model_server.tgi.render import build_body, tgi_parameters
+from model_server.tgi.stream import StreamProgress, read_answer
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 
 log = logging.getLogger(__name__)
@@ -73,13 +65,6 @@ log = logging.getLogger(__name__)
 ERROR_KINDS = ("timeout", "rejected", "unavailable", "broken", "error")
 """Keys of `ExecutorStats.errors` for TGI: past the deadline or stalled, refused with 422, not reachable or
 overloaded through every retry, stream cut mid-answer, anything else TGI failed with."""
-
-FINISH_REASONS = {
-    "length": FinishReason.LENGTH,
-    "eos_token": FinishReason.END_OF_UTTERANCE,
-    "stop_sequence": FinishReason.STOP_STRING,
-}
-
 
 HEALTH_INTERVAL_S = 5.0
 """`health()` asks TGI's `/health` at most this often; calls in between get the last answer."""
@@ -115,7 +100,7 @@ class TgiExecutor:
         self._unavailable_since: float | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self._prefill_cache: OrderedDict[str, list[int]] = OrderedDict()
+        self.ranker = ranking.Ranker(self.client)
         self._warned_beam = False
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
         """One record per request sent to TGI (size 1: TGI does the batching)."""
@@ -285,7 +270,7 @@ class TgiExecutor:
 
     # -- running one request ---------------------------------------------------------------------
     async def _run(self, job: TgiJob) -> None:
-        state = _Progress()
+        state = StreamProgress()
         try:
             async with asyncio.timeout_at(job.deadline):
                 if job.kind == "rank":
@@ -323,86 +308,18 @@ class TgiExecutor:
             log.debug("request body %d bytes, images %s bytes", len(built.body), list(built.image_bytes))
         return built.body
 
-    async def _generate(self, job: TgiJob, state: _Progress) -> None:
+    async def _generate(self, job: TgiJob, state: StreamProgress) -> None:
         params = job.prompt.params
         server = self.server or TgiServerInfo("unknown", None, None)
         body = await self._body(job.prompt, tgi_parameters(params, max_stop_sequences=server.max_stop_sequences))
-        stops = (END_OF_UTTERANCE, *params.stop_strings)
-        pieces: list[str] = []
-        assembler = TextAssembler(lambda ids: "".join(pieces[:len(ids)]), stops)
-        reason: FinishReason | None = None
-        last_text = ""
-        async with closing_stream(self.client, body) as events:
-            async for event in events:
-                token = event.get("token") or {}
-                if token:
-                    state.completion_tokens += 1
-                    if state.first_token_at is None:
-                        state.first_token_at = asyncio.get_running_loop().time()
-                    last_text = str(token.get("text") or "")
-                    if not token.get("special"):
-                        pieces.append(last_text)
-                        self._delta(job, assembler.add(len(pieces) - 1))
-                details = event.get("details")
-                if isinstance(details, dict):
-                    state.completion_tokens = int(details.get("generated_tokens") or state.completion_tokens)
-                    if isinstance(details.get("input_length"), int):
-                        state.prompt_tokens = details["input_length"]
-                    reason = FINISH_REASONS.get(str(details.get("finish_reason")), FinishReason.END_OF_UTTERANCE)
-                    if reason is FinishReason.STOP_STRING and last_text.endswith(END_OF_UTTERANCE):
-                        reason = FinishReason.END_OF_UTTERANCE
-                if assembler.stopped:
-                    # A stop string TGI was not told about (past its `max_stop_sequences`), or one split so
-                    # that it matched here first: leaving the block closes the stream.
-                    reason = _stop_reason("".join(pieces), stops)
-                    break
-                if event.get("generated_text") is not None and reason is None:
-                    reason = FinishReason.END_OF_UTTERANCE
-        if reason is None:
-            raise GenerationFailed(FAILED_MESSAGE, detail="TGI stream ended without a final event")
-        self._delta(job, assembler.finish())
+        async with closing_stream(self.client, body) as events:  # leaving the block closes the stream
+            text, reason = await read_answer(events, params.stop_strings, lambda delta: self._delta(job, delta), state)
         if not state.prompt_tokens:
             state.prompt_tokens = estimate_tokens(_text_only(job.prompt))
-        self._complete(job, assembler.text, reason, state.prompt_tokens, state.completion_tokens,
-                       state.first_token_at)
-
-    # -- rank classification ---------------------------------------------------------------------
-    async def _prefill(self, body: bytes) -> list[dict[str, Any]]:
-        answer = await self.client.generate(body)
-        prefill = (answer.get("details") or {}).get("prefill")
-        if not isinstance(prefill, list) or not prefill:
-            raise GenerationFailed(FAILED_MESSAGE, detail="TGI returned no prefill details (decoder_input_details)")
-        return prefill
-
-    async def _prompt_ids(self, prompt: Prompt, parameters: dict[str, Any]) -> list[int]:
-        """Token ids of the prompt alone, as TGI tokenizes it (cached: /classify often repeats a prompt)."""
-        body = await self._body(prompt, parameters)
-        key = hashlib.sha256(body).hexdigest()
-        if key in self._prefill_cache:
-            self._prefill_cache.move_to_end(key)
-            return self._prefill_cache[key]
-        ids = [int(t.get("id", -1)) for t in await self._prefill(body)]
-        self._prefill_cache[key] = ids
-        while len(self._prefill_cache) > 64:
-            self._prefill_cache.popitem(last=False)
-        return ids
+        self._complete(job, text, reason, state.prompt_tokens, state.completion_tokens, state.first_token_at)
 
     async def _rank(self, job: TgiJob) -> list[RankedCategory]:
-        # One token is the least TGI generates; only the prompt's own log-probabilities are used.
-        parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": True, "do_sample": False}
-        base_ids = await self._prompt_ids(job.prompt, parameters)
-        scores: list[float] = []
-        # Categories go one at a time: the request holds one of the `max_batch_size` slots.
-        for category in job.categories:
-            prefill = await self._prefill(await self._body(job.prompt, parameters, " " + category))
-            ids = [int(t.get("id", -1)) for t in prefill]
-            # Score from the first token where the full text's tokens leave the prompt's (a tokenizer may
-            # merge across the boundary, and then that merged token is scored too), as the local engine does.
-            common = next((k for k, (a, b) in enumerate(zip(ids, base_ids, strict=False)) if a != b),
-                          min(len(ids), len(base_ids)))
-            common = max(1, min(common, len(ids) - 1))
-            scores.append(sum(float(t.get("logprob") or 0.0) for t in prefill[common:]))
-        return rank_by_scores(job.categories, scores)
+        return await self.ranker.rank(job.categories, lambda suffix: self._body(job.prompt, ranking.PARAMETERS, suffix))
 
     # -- handing results back --------------------------------------------------------------------
     def _delta(self, job: TgiJob, delta: str) -> None:
@@ -442,22 +359,6 @@ class TgiExecutor:
     def _observe(self, outcome: Outcome) -> None:
         notify_observers(self.observers, outcome)
 
-
-
-@dataclass
-class _Progress:
-    """What one streamed request has received so far (kept for a result on cancel or timeout)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-
-
-def _stop_reason(raw: str, stops: Sequence[str]) -> FinishReason:
-    """END_OF_UTTERANCE when `<end_of_utterance>` is the first stop string in `raw`, else STOP_STRING."""
-    found = [(raw.find(s), s) for s in stops if s and raw.find(s) >= 0]
-    first = min(found)[1] if found else ""
-    return FinishReason.END_OF_UTTERANCE if first == END_OF_UTTERANCE else FinishReason.STOP_STRING
 
 
 def _error_kind(exc: Exception) -> str:
