@@ -2,18 +2,18 @@
 
 The event loop never runs model code. `submit` puts a request in a bounded queue (past the bound it
 raises `Busy`) and the model thread generates, handing each row's text deltas (once per step) and
-result back to the loop that asked. With `config.batching == "continuous"` waiting requests join the
-running batch between decode steps, up to `max_batch_size` rows, and leave it when done
-(`_run_continuous`); with "static" the oldest request and every compatible one behind it
-(`scheduler.pick_batch`) run as one batch to its end. A batch that runs out of memory is split in
-halves and retried; a batch that raises otherwise is retried one request at a time, so one bad
-request fails alone and the executor keeps serving.
+result back to the loop that asked (`delivery`). The model thread's loop is schedule -> execute -> update:
+`scheduler` decides from plain values who expires, joins or runs alone; `batch_runner` makes the model call
+and applies the `StepOutcome` it returns. With `config.batching == "continuous"` waiting requests join the
+running batch between decode steps, up to `max_batch_size` rows, and leave it when done; with "static" the
+oldest request and every compatible one behind it run as one batch to its end. A batch that runs out of
+memory is split in halves and retried; a batch that raises otherwise is retried one request at a time
+(`failed_batch`), so one bad request fails alone and the executor keeps serving.
 
-A watchdog thread watches the model thread: each batch start, decode step and finished row counts as
-progress. A running batch silent for `config.watchdog_s` is declared stuck: every running and waiting
-request fails at once with `ModelStuck`, new submits are refused with it, and `fault` says so (shown by
-`/status`). If the stuck call returns, the fault clears and the executor serves again; if it is still
-silent at twice the deadline, `on_fatal` is called (once) so the process can exit and be restarted.
+A watchdog (`watchdog`) declares the model thread stuck when a running batch makes no progress for
+`config.watchdog_s`: every running and waiting request fails at once with `ModelStuck`, new submits are
+refused with it, and `fault` says so (shown by `/status`). If the stuck call returns, the fault clears; if it
+is still silent at twice the deadline, `on_fatal` is called (once) so the process can exit and be restarted.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from model_server import scheduler
 from model_server.backend import (
@@ -36,41 +36,24 @@ from model_server.backend import (
     GenerationBackend,
     Observer,
     RequestHandle,
-    rank_by_scores,
 )
+from model_server.batch_runner import BatchRunner, Engine
 from model_server.config import ModelConfig
 from model_server.delivery import Delivery, LocalJob
 from model_server.errors import Busy, ExecutorClosed, ModelStuck, RequestTimeout
-from model_server.failed_batch import failure, retry_parts
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
-from model_server.vision_cache import VisionCacheStats
 from model_server.watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from model_server.engine import Row, StepOutcome
+    from model_server.engine import Row
 
 log = logging.getLogger(__name__)
-
-
-class Engine(Protocol):
-    """What the executor needs from a model: `engine.LocalEngine` is the in-process one."""
-
-    def generate(self, rows: Sequence[Row], after_step: Callable[[StepOutcome], None]) -> None: ...
-    def prefill(self, rows: Sequence[Row]) -> StepOutcome: ...
-    def step(self, batch: Any) -> StepOutcome: ...
-    def beam_search(self, rows: Sequence[Row]) -> StepOutcome: ...
-    def score(self, prompt: Prompt, continuations: Sequence[str], chunk: int) -> list[float]: ...
-    def free_memory(self) -> None: ...
-    def is_out_of_memory(self, exc: BaseException) -> bool: ...
-    def vision_cache_stats(self) -> VisionCacheStats | None: ...
-    def memory(self) -> dict[str, int]: ...
 
 
 class Executor:
     """Batched generation on one model thread. Use as `async with Executor(engine, config) as ex:`."""
 
     def __init__(self, engine: Engine, config: ModelConfig, *, batch_window_s: float = 0.005) -> None:
-        self.engine = engine
         self.config = config
         self.batch_window_s = batch_window_s
         self._waiting: list[LocalJob] = []
@@ -80,8 +63,6 @@ class Executor:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self.delivery = Delivery(self._cond)
-        self._by_id: dict[int, LocalJob] = {}
-        """The requests whose rows the model thread runs, by id (the engine's outcomes name rows by it)."""
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
         self.on_fatal: Callable[[str], None] | None = None
         """Called once, from the watchdog thread, when the model thread stays stuck past twice
@@ -92,6 +73,17 @@ class Executor:
             config.watchdog_s, self._cond, busy=lambda: bool(self._running), declare_stuck=self._declare_stuck,
             fail_stuck=self._fail_stuck, on_fatal=self._fatal,
         )
+        self.runner = BatchRunner(engine, max_rows=config.max_batch_size, delivery=self.delivery,
+                                  watchdog=self.watchdog, batches=self.batches)
+
+    @property
+    def engine(self) -> Engine:
+        """The model (tests wrap it to inject faults; the next model call uses the new one)."""
+        return self.runner.engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self.runner.engine = engine
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def __aenter__(self) -> Executor:
@@ -277,7 +269,7 @@ class Executor:
                 batch, _ = self._apply(decision)
             if batch:
                 self.batches.append(BatchRecord(len(batch), batch[0].kind, time.monotonic()))
-                self._execute(batch)
+                self.runner.execute(batch)
                 self._after_model_call([])
 
     def _run_continuous(self) -> None:
@@ -300,9 +292,9 @@ class Executor:
                 admitted, alone = self._apply(decision, running)
             if alone is not None:
                 self.batches.append(BatchRecord(1, alone.kind, time.monotonic()))
-                self._execute([alone])
+                self.runner.execute([alone])
             if admitted:
-                joined, rows = self._prefill(admitted, running)
+                joined, rows = self.runner.prefill(admitted, running)
                 if joined is not None:
                     live += [(j, r) for j, r in zip(admitted, rows, strict=True) if not r.done]
                     if batch is None:
@@ -310,7 +302,7 @@ class Executor:
                     else:
                         batch.join(joined)
             if batch is not None:
-                batch = self._step(batch, live)
+                batch = self.runner.step(batch, live)
                 self._steps += 1
             self.delivery.flush()
             live = [(j, r) for j, r in live if not r.done and not j.settled]
@@ -353,90 +345,13 @@ class Executor:
 
     def _after_model_call(self, running: list[LocalJob]) -> None:
         """The model thread came back: record who still runs; a stuck call that returned clears the fault."""
-        self._by_id = {j.id: j for j in running}  # rows that failed or were given up on leave with their batch
+        self.runner.keep(running)
         with self._cond:
             self._running = running
             stuck_for = self.watchdog.recovered()
             self._cond.notify_all()
         if stuck_for is not None:
             log.warning("model thread recovered after %.1f s without progress; serving again", stuck_for)
-
-    def _rows(self, jobs: list[LocalJob]) -> list[Row]:
-        from model_server.engine import Row
-
-        self._by_id.update((j.id, j) for j in jobs)
-        return [Row(prompt=j.prompt, deadline=j.deadline, cancelled=j.cancelled, key=j.id, sent=j.sent,
-                    on_step=self.watchdog.beat) for j in jobs]
-
-    def _update(self, outcome: StepOutcome) -> None:
-        """Apply what one model call did: stream each row's new text, answer the rows that ended."""
-        for row, delta in outcome.deltas:
-            self._delta(self._by_id[row.key], delta)
-        for done in outcome.finished:
-            job = self._by_id.pop(done.row.key)
-            self.delivery.complete(job, done.text, done.reason, done.prompt_tokens, done.completion_tokens,
-                                   done.first_token_at)
-        self.delivery.flush()
-
-    def _prefill(self, jobs: list[LocalJob], running: int) -> tuple[Any, list[Row]]:
-        """Start `jobs`; on failure they are retried on their own (see `_recover`) and None comes back."""
-        self.batches.append(BatchRecord(running + len(jobs), "generate", time.monotonic()))
-        rows = self._rows(jobs)
-        try:
-            outcome = self.engine.prefill(rows)
-        except Exception as exc:
-            self._recover(jobs, exc)
-            return None, rows
-        self._update(outcome)
-        return outcome.batch, rows
-
-    def _step(self, batch: Any, live: list[tuple[LocalJob, Row]]) -> Any:
-        """One decode step of the running batch; on failure its rows are retried on their own."""
-        try:
-            outcome = self.engine.step(batch)
-        except Exception as exc:
-            self._recover([j for j, _ in live], exc)
-            return None
-        self._update(outcome)
-        return outcome.batch
-
-    def _execute(self, jobs: list[LocalJob]) -> None:
-        """Run `jobs` as one batch to its end (scoring and beam search alone)."""
-        rows = self._rows(jobs)
-        try:
-            if jobs[0].kind == "rank":
-                self._rank(jobs[0])
-            elif jobs[0].kind == "beam":
-                self._update(self.engine.beam_search(rows))
-            else:
-                self.engine.generate(rows, after_step=self._update)
-        except Exception as exc:
-            self._recover(jobs, exc)
-
-    def _recover(self, jobs: list[LocalJob], exc: Exception) -> None:
-        """After a model error: retried as `failed_batch.retry_parts` says; a request alone fails."""
-        pending = [j for j in jobs if not j.settled]
-        oom = self.engine.is_out_of_memory(exc)
-        self.delivery.count("oom" if oom else "error")
-        log.warning("batch of %d failed (%s%s); %d to retry", len(jobs), type(exc).__name__,
-                    ", out of memory" if oom else "", len(pending) if len(jobs) > 1 else 0, exc_info=not oom)
-        if oom:
-            self.engine.free_memory()
-        if len(jobs) == 1 or not pending:
-            for job in pending:
-                self.delivery.fail(job, failure(exc, oom))
-            return
-        for part in retry_parts(pending, oom):
-            self._execute(part)
-
-    def _rank(self, job: LocalJob) -> None:
-        scores = self.engine.score(job.prompt, job.categories, self.config.max_batch_size)
-        self.watchdog.beat()
-        self.delivery.ranked(job, rank_by_scores(job.categories, scores))
-
-    def _delta(self, job: LocalJob, delta: str) -> None:
-        self.watchdog.beat()
-        self.delivery.delta(job, delta)
 
 
 if TYPE_CHECKING:
