@@ -167,7 +167,7 @@ class RequestHandle:
 class GenerationBackend(Protocol):
     """What every generation backend offers its front ends. Use it as `async with backend:`."""
 
-    on_fatal: Callable[[str], None] | None
+    on_fatal: Callable[[str], object] | None
     """Called once (from any thread) when the backend failed beyond recovery (a model thread stuck past twice its
     watchdog); the app sets it to stop the process with a non-zero exit status. Never called on TGI."""
 

@@ -64,7 +64,7 @@ class Executor:
         self._ids = itertools.count(1)
         self.delivery = Delivery(self._cond)
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
-        self.on_fatal: Callable[[str], None] | None = None
+        self.on_fatal: Callable[[str], object] | None = None
         """Called once, from the watchdog thread, when the model thread stays stuck past twice
         `config.watchdog_s`; the app sets it to stop the process with a non-zero exit status."""
         self._steps = 0

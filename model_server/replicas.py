@@ -175,7 +175,7 @@ class ReplicaPool:
         self.devices = tuple(devices) if devices is not None else tuple(f"#{i + 1}" for i in range(len(replicas)))
         """One label per replica, for logs and `fault`."""
         self._closing = False
-        self._on_fatal: Callable[[str], None] | None = None
+        self._on_fatal: Callable[[str], object] | None = None
 
     @classmethod
     def from_models(cls, models: Sequence[LoadedModel], config: ModelConfig, *,
@@ -208,17 +208,17 @@ class ReplicaPool:
         await asyncio.gather(*(replica.close(grace_s) for replica in self.replicas))
 
     @property
-    def on_fatal(self) -> Callable[[str], None] | None:
+    def on_fatal(self) -> Callable[[str], object] | None:
         """Called once per replica stuck past twice `config.watchdog_s`, from that replica's watchdog thread."""
         return self._on_fatal
 
     @on_fatal.setter
-    def on_fatal(self, hook: Callable[[str], None] | None) -> None:
+    def on_fatal(self, hook: Callable[[str], object] | None) -> None:
         self._on_fatal = hook
         for index, replica in enumerate(self.replicas):
             replica.on_fatal = None if hook is None else self._fatal_hook(index, hook)
 
-    def _fatal_hook(self, index: int, hook: Callable[[str], None]) -> Callable[[str], None]:
+    def _fatal_hook(self, index: int, hook: Callable[[str], object]) -> Callable[[str], object]:
         return lambda reason: hook(f"{self._label(index)}: {reason}")
 
     # -- submitting ------------------------------------------------------------------------------

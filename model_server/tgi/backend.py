@@ -104,7 +104,7 @@ class TgiExecutor:
         self._warned_beam = False
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
         """One record per request sent to TGI (size 1: TGI does the batching)."""
-        self.on_fatal: Callable[[str], None] | None = None
+        self.on_fatal: Callable[[str], object] | None = None
         """Never called: no thread here can hang, and an unreachable TGI fails requests (and shows in `fault`)
         rather than the process. Kept so front ends treat both executors alike."""
         self.observers: list[Observer] = []
