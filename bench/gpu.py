@@ -357,29 +357,26 @@ def run_batch(engine, prompts: list, deadline: float, sync) -> RunResult:
     from model_server.engine import Row
 
     outcomes = [_Outcome() for _ in prompts]
+    rows = [Row(prompt=p, deadline=deadline, cancelled=threading.Event(), key=k) for k, p in enumerate(prompts)]
 
-    def on_done_for(out: _Outcome):
-        def on_done(text, reason, prompt_tokens, completion_tokens, first_token_at=None, *rest):
+    def after_step(step) -> None:
+        for row, _delta in step.deltas:
+            outcomes[row.key].seen()
+        for done in step.finished:
+            out = outcomes[done.row.key]
             out.done_at = time.monotonic()
-            out.text, out.reason = text, str(reason)
-            out.prompt_tokens, out.completion_tokens = int(prompt_tokens), int(completion_tokens)
-            out.first_token_at = first_token_at
-        return on_done
+            out.text, out.reason = done.text, str(done.reason)
+            out.prompt_tokens, out.completion_tokens = int(done.prompt_tokens), int(done.completion_tokens)
+            out.first_token_at = done.first_token_at
 
-    def on_delta_for(out: _Outcome):
-        return lambda _delta: out.seen()
-
-    rows = [Row(prompt=p, deadline=deadline, cancelled=threading.Event(), on_delta=on_delta_for(o),
-                on_done=on_done_for(o)) for p, o in zip(prompts, outcomes, strict=True)]
     for row, out in zip(rows, outcomes, strict=True):
         # The engine reports each step to the row after reading the chosen token back from the device, so
         # the first report is the true first-token time. (Its own `first_token_at` is taken just before that
         # read, when on a GPU the prefill may still be running.)
-        if hasattr(row, "on_step"):
-            row.on_step = out.seen
+        row.on_step = out.seen
     sync()
     started = time.monotonic()
-    engine.generate(rows)
+    engine.generate(rows, after_step=after_step)
     sync()
     seconds = time.monotonic() - started
     for row, out in zip(rows, outcomes, strict=True):

@@ -16,7 +16,7 @@ from bot.pipeline.conversation import ChatDefaults
 from model_server.config import ModelConfig
 
 if TYPE_CHECKING:
-    from model_server.tgi import TgiConfig
+    from model_server.config import TgiConfig
 
 DEFAULT_MODEL = "BOINCAIM4/idefics-9b-instruct"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/idefics-bot.sqlite3"
@@ -174,7 +174,7 @@ class Settings(BaseSettings):
 
     def tgi_config(self) -> TgiConfig:
         """The TGI backend's part of the settings (requires `TGI_URL`)."""
-        from model_server.tgi import TgiConfig
+        from model_server.config import TgiConfig
 
         if not self.tgi_url:
             raise ValueError("TGI_URL is not set")

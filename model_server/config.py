@@ -1,4 +1,6 @@
-"""What the model server needs from the settings, as one frozen value (no pydantic, no environment)."""
+"""What the model server needs from the settings, one frozen value per backend (no pydantic, no environment).
+
+Front ends build these from their settings; only the code that opens backends hands them on."""
 
 from __future__ import annotations
 
@@ -30,3 +32,31 @@ class ModelConfig:
     """Longest a running batch may go without progress (a decode step, a finished row) before the
     executor fails its requests and reports a fault; 0 turns the watchdog off. Past twice this the
     executor calls its `on_fatal` hook so the process can exit and be restarted."""
+
+
+DEFAULT_MAX_BODY_BYTES = 2_000_000
+"""TGI's default `--payload-limit`."""
+
+
+@dataclass(frozen=True)
+class TgiConfig:
+    url: str
+    """Base URL of the TGI server (`TGI_URL`), e.g. `http://tgi:80`."""
+    max_batch_size: int = 8
+    """Most requests sent to TGI at once (TGI batches them continuously)."""
+    max_queue: int = 64
+    """Most requests waiting here; past it `submit` raises `Busy`."""
+    request_timeout_s: float = 180.0
+    """Longest a request may take from submission to its last token, retries included."""
+    connect_timeout_s: float = 10.0
+    """Connecting to TGI, and each of `/health` and `/info`."""
+    stall_s: float = 60.0
+    """Longest wait for the next streamed event (first token included) before the request fails."""
+    max_retries: int = 3
+    """Retries of connection errors, 429 and 503, only before any token was streamed."""
+    backoff_s: float = 0.5
+    """First retry pause, doubled each time; a `Retry-After` header wins."""
+    start_wait_s: float = 0.0
+    """How long `start()` waits for TGI to become ready before giving up."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """TGI's `--payload-limit`: images are shrunk until a request body is under it."""

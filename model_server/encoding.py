@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from PIL import Image
 from transformers.models.idefics.processing_idefics import incremental_to_binary_attention_mask
 
 from model_server.prompt import prompt_text
@@ -61,14 +63,14 @@ def latest_image_index(input_ids: torch.Tensor, image_id: int, eos_id: int | Non
     return torch.where(eos_before > last_image, none, index)
 
 
-def preprocess_images(processor, images: Sequence) -> torch.Tensor:
+def preprocess_images(processor: Any, images: Sequence[Image.Image]) -> torch.Tensor:
     """(images, channels, height, width): the image processor's resize and normalisation."""
     processed = processor.image_processor(list(images), return_tensors="pt")
     # The IDEFICS image processor returns a bare tensor; other versions a BatchFeature.
     return processed if isinstance(processed, torch.Tensor) else processed["pixel_values"]
 
 
-def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence], *,
+def encode_texts(processor: Any, texts: Sequence[str], images: Sequence[Sequence[Image.Image]], *,
                  pixels: bool = True) -> EncodedBatch:
     """Tensors for already rendered prompt texts (with `<image>` tokens) and their images, in order.
 
@@ -91,7 +93,8 @@ def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence], *,
     if any(images):
         incremental = latest_image_index(input_ids, tokenizer.convert_tokens_to_ids("<image>"),
                                          tokenizer.eos_token_id)
-        image_attention_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=max_images)
+        image_attention_mask = incremental_to_binary_attention_mask(  # type: ignore[no-untyped-call]  # untyped
+            incremental, "pt", num_classes=max_images)
     else:
         image_attention_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1], 1, dtype=torch.long)
     return EncodedBatch(
@@ -103,7 +106,7 @@ def encode_texts(processor, texts: Sequence[str], images: Sequence[Sequence], *,
     )
 
 
-def encode(processor, prompts: Sequence[Prompt], *, pixels: bool = True) -> EncodedBatch:
+def encode(processor: Any, prompts: Sequence[Prompt], *, pixels: bool = True) -> EncodedBatch:
     bos = processor.tokenizer.bos_token
     texts = [prompt_text(p.items, bos=bos) for p in prompts]
     return encode_texts(processor, texts, [p.images for p in prompts], pixels=pixels)

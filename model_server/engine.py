@@ -7,6 +7,10 @@ advances every row by one token, `RunningBatch.join` merges newly prefilled rows
 batch. A finished row leaves at once (its KV cache rows are dropped), so it neither waits for nor
 slows down the others. Each row keeps its own decoding settings and random stream.
 
+Each model call returns what happened (`StepOutcome`: the text deltas of the step, the rows that finished
+and why, and the batch that still runs); the executor applies it. Rows are never called back, except that
+`Row.on_step` hears of every step as a sign of life (the watchdog's progress, inside beam search too).
+
 Image features go through the vision tower and the perceiver once per image: the result is kept in
 a `VisionCache` by the image's content, so a picture asked about again, in a later turn or another
 request, is not encoded again.
@@ -19,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -26,17 +31,17 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model_server.config import ModelConfig
 from model_server.encoding import encode, encode_texts, preprocess_images
-from model_server.loading import LoadedModel
+from model_server.loading import LoadedModel, gpu_memory
 from model_server.prompt import prompt_text
 from model_server.running_batch import RowState, RunningBatch, new_cache, new_generator
 from model_server.streaming import TextAssembler, cut_at_stop
-from model_server.types import FinishReason, Prompt
-from model_server.vision_cache import VisionCache, image_key
+from model_server.types import FinishReason, GenerationParams, Prompt
+from model_server.vision_cache import VisionCache, VisionCacheStats, image_key
 
 DEFAULT_VISION_CACHE_BYTES = ModelConfig.vision_cache_mb * 2**20
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     """One request inside a batch, as the engine sees it."""
 
@@ -44,9 +49,8 @@ class Row:
     deadline: float
     """`time.monotonic()` after which the row stops with TIMEOUT."""
     cancelled: threading.Event
-    on_delta: Callable[[str], None]
-    on_done: Callable[[str, FinishReason, int, int, float | None], None]
-    """Called once: (text, finish reason, prompt tokens, completion tokens, first token time)."""
+    key: int = 0
+    """The caller's id for the request (the executor's request id)."""
     sent: str = ""
     """Text already streamed by an earlier attempt (after an out-of-memory split)."""
     first_token_at: float | None = None
@@ -54,6 +58,29 @@ class Row:
     generated: list[int] = field(default_factory=list)
     on_step: Callable[[], None] | None = None
     """Called after every model step that reaches this row: the executor's watchdog counts it as progress."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A row that ended in this step."""
+
+    row: Row
+    text: str
+    """The whole answer (the row's deltas, and those of an earlier attempt, concatenate to it)."""
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_at: float | None
+
+
+@dataclass
+class StepOutcome:
+    """What one model call did: in order, each row's new text, then the rows that ended."""
+
+    batch: RunningBatch | None
+    """The rows still running, to pass to the next `step`; None when none is left."""
+    deltas: list[tuple[Row, str]] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
 
 
 class _StepReport(StoppingCriteria):
@@ -100,15 +127,25 @@ class LocalEngine:
         return cls(loaded, vision_cache_bytes=config.vision_cache_mb * 2**20)
 
     # -- model calls (one place, so tests can inject faults here) --------------------------------
-    def forward(self, **kwargs):
+    def forward(self, **kwargs: Any) -> Any:
         return self.model(**kwargs)
 
     def free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return is_out_of_memory(exc)
+
+    def vision_cache_stats(self) -> VisionCacheStats:
+        return self.vision_cache.stats()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of tensors allocated on each GPU (`loading.gpu_memory`)."""
+        return gpu_memory()
+
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     # -- image features --------------------------------------------------------------------------
     def _image_features(self, images: Sequence[Sequence[Image.Image]], slots: int) -> torch.Tensor:
@@ -147,19 +184,17 @@ class LocalEngine:
 
     # -- free generation -------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, rows: Sequence[Row], after_step: Callable[[], None] | None = None) -> None:
-        """Run `rows` together to their ends (no row joins on the way); `after_step` after each model step."""
-        batch = self.prefill(rows)
-        while batch is not None:
-            if after_step is not None:
-                after_step()
-            batch = self.step(batch)
-        if after_step is not None:
-            after_step()
+    def generate(self, rows: Sequence[Row], after_step: Callable[[StepOutcome], None]) -> None:
+        """Run `rows` together to their ends (no row joins on the way); `after_step` gets each call's outcome."""
+        outcome = self.prefill(rows)
+        after_step(outcome)
+        while outcome.batch is not None:
+            outcome = self.step(outcome.batch)
+            after_step(outcome)
 
     @torch.inference_mode()
-    def prefill(self, rows: Sequence[Row]) -> RunningBatch | None:
-        """Read the prompts, pick each row's first token; None when every row already finished."""
+    def prefill(self, rows: Sequence[Row]) -> StepOutcome:
+        """Read the prompts, pick each row's first token (the outcome's batch is None if every row finished)."""
         prompts = [r.prompt for r in rows]
         enc = encode(self.processor, prompts, pixels=False).to(self.loaded.device, self.loaded.dtype)
         features = self._image_features([p.images for p in prompts], enc.image_attention_mask.shape[-1])
@@ -187,8 +222,8 @@ class LocalEngine:
         return self._advance(batch, out.logits[:, -1, :])
 
     @torch.inference_mode()
-    def step(self, batch: RunningBatch) -> RunningBatch | None:
-        """Feed every row its newest token and pick the next; None when no row is left."""
+    def step(self, batch: RunningBatch) -> StepOutcome:
+        """Feed every row its newest token and pick the next (the outcome's batch is None when no row is left)."""
         attention = torch.cat([batch.attention, batch.attention.new_ones(len(batch), 1)], dim=1)
         out = self.forward(
             input_ids=batch.next_tokens[:, None], attention_mask=attention, image_attention_mask=batch.image_mask,
@@ -197,27 +232,30 @@ class LocalEngine:
         batch.attention = attention
         return self._advance(batch, out.logits[:, -1, :])
 
-    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> RunningBatch | None:
+    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> StepOutcome:
         next_tokens = self._choose(logits.float(), batch.states)
         tokens = next_tokens.tolist()
         now = time.monotonic()
         keep: list[int] = []
+        outcome = StepOutcome(batch=None)
         for pos, state in enumerate(batch.states):
             row = state.row
             row.first_token_at = row.first_token_at or now
-            reason = self._step_row(row, state.assembler, tokens[pos], now)
+            reason = self._step_row(row, state.assembler, tokens[pos], now, outcome)
             if reason is None:
                 keep.append(pos)
             else:
-                self._finish(row, state.assembler, reason, state.prompt_length)
+                self._finish(row, state.assembler, reason, state.prompt_length, outcome)
         if not keep:
-            return None
+            return outcome
         batch.next_tokens = next_tokens
         if len(keep) < len(batch):
             batch.keep(keep)
-        return batch
+        outcome.batch = batch
+        return outcome
 
-    def _step_row(self, row: Row, assembler: TextAssembler, token: int, now: float) -> FinishReason | None:
+    def _step_row(self, row: Row, assembler: TextAssembler, token: int, now: float,
+                  outcome: StepOutcome) -> FinishReason | None:
         if row.on_step is not None:
             row.on_step()
         if token in self._stop_ids:
@@ -225,7 +263,7 @@ class LocalEngine:
         row.generated.append(token)
         delta = assembler.add(token)
         if delta:
-            row.on_delta(delta)
+            outcome.deltas.append((row, delta))
         if assembler.stopped:
             return FinishReason.STOP_STRING
         if row.cancelled.is_set():
@@ -236,13 +274,15 @@ class LocalEngine:
             return FinishReason.LENGTH
         return None
 
-    def _finish(self, row: Row, assembler: TextAssembler, reason: FinishReason, prompt_tokens: int) -> None:
+    def _finish(self, row: Row, assembler: TextAssembler, reason: FinishReason, prompt_tokens: int,
+                outcome: StepOutcome) -> None:
         if reason is not FinishReason.STOP_STRING:
             tail = assembler.finish()
             if tail:
-                row.on_delta(tail)
+                outcome.deltas.append((row, tail))
         row.done = True
-        row.on_done(assembler.text, reason, prompt_tokens, len(row.generated), row.first_token_at)
+        outcome.finished.append(Finished(row, assembler.text, reason, prompt_tokens, len(row.generated),
+                                         row.first_token_at))
 
     def _choose(self, logits: torch.Tensor, states: Sequence[RowState]) -> torch.Tensor:
         """Each row's next token by its own settings: greedy, or sampled from its own random stream."""
@@ -260,7 +300,7 @@ class LocalEngine:
         return tokens
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params, generator: torch.Generator) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
         probs = torch.softmax(logits / max(params.temperature, 1e-5), dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
@@ -271,7 +311,7 @@ class LocalEngine:
 
     # -- beam search (the guide's story) -----------------------------------------------------------
     @torch.inference_mode()
-    def beam_search(self, rows: Sequence[Row]) -> None:
+    def beam_search(self, rows: Sequence[Row]) -> StepOutcome:
         """Beam search through `model.generate`: not streamed, the answer arrives in one piece."""
         params = rows[0].prompt.params
         enc = encode(self.processor, [r.prompt for r in rows]).to(self.loaded.device, self.loaded.dtype)
@@ -284,6 +324,7 @@ class LocalEngine:
             stopping_criteria=StoppingCriteriaList([_StepReport(rows)]),
         )
         stop_ids = set(self.loaded.stop_token_ids)
+        outcome = StepOutcome(batch=None)
         for i, row in enumerate(rows):
             ids = out[i, enc.input_ids.shape[1]:].tolist()
             reason = FinishReason.LENGTH
@@ -299,9 +340,10 @@ class LocalEngine:
             row.first_token_at = time.monotonic()
             row.generated = ids
             if text[len(row.sent):]:
-                row.on_delta(text[len(row.sent):])
+                outcome.deltas.append((row, text[len(row.sent):]))
             row.done = True
-            row.on_done(text, reason, enc.prompt_lengths[i], len(ids), row.first_token_at)
+            outcome.finished.append(Finished(row, text, reason, enc.prompt_lengths[i], len(ids), row.first_token_at))
+        return outcome
 
     # -- rank classification ---------------------------------------------------------------------
     @torch.inference_mode()

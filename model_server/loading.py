@@ -69,10 +69,8 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            "IDEFICS_DEVICE=cuda but torch sees no CUDA device",
-            user_message="IDEFICS_DEVICE=cuda, but no CUDA GPU is available (use cpu or auto)",
-        )
+        raise ModelLoadError("IDEFICS_DEVICE=cuda, but no CUDA GPU is available (use cpu or auto)",
+                             detail="IDEFICS_DEVICE=cuda but torch sees no CUDA device")
     return requested
 
 
@@ -91,15 +89,12 @@ def quantization_config(quantization: str, dtype: torch.dtype, device: str) -> A
     if quantization == "none":
         return None
     if not device.startswith("cuda"):
-        raise ModelLoadError(
-            f"quantization {quantization} requested on {device}",
-            user_message=f"IDEFICS_QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes runs on CUDA only)",
-        )
+        raise ModelLoadError(f"IDEFICS_QUANTIZATION={quantization} needs a CUDA GPU (bitsandbytes runs on CUDA only)",
+                             detail=f"quantization {quantization} requested on {device}")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            "bitsandbytes is not installed",
-            user_message=f"IDEFICS_QUANTIZATION={quantization} needs bitsandbytes: pip install 'idefics-bot[quant]'",
-        )
+        raise ModelLoadError(f"IDEFICS_QUANTIZATION={quantization} needs bitsandbytes: "
+                             "pip install 'idefics-bot[quant]'",
+                             detail="bitsandbytes is not installed")
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
@@ -177,11 +172,8 @@ def load_processor(name: str, *, local_only: bool = False) -> Any:
 
 def _load_error(name: str, exc: Exception) -> ModelLoadError:
     where = "local folder" if Path(name).exists() else "hub id"
-    return ModelLoadError(
-        f"loading {name!r} ({where}) failed: {exc}",
-        user_message=f"cannot load the model {name!r}: not a complete local checkpoint folder, "
-        "and the hub could not provide it",
-    )
+    return ModelLoadError(f"cannot load the model {name!r}: not a complete local checkpoint folder, "
+        "and the hub could not provide it", detail=f"loading {name!r} ({where}) failed: {exc}")
 
 
 def load_model(config: ModelConfig, progress: Progress | None = None, *, device: str | None = None) -> LoadedModel:
@@ -223,10 +215,8 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     except (OSError, ValueError) as exc:
         raise _load_error(config.model, exc) from exc
     except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(
-            f"out of memory loading {config.model}: {exc}",
-            user_message="not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
-        ) from exc
+        raise ModelLoadError("not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
+                             detail=f"out of memory loading {config.model}: {exc}") from exc
     if device == "cpu":
         model.to("cpu")
     model.eval()
@@ -238,6 +228,7 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     positions = min(TRAINED_POSITIONS, int(getattr(model.config, "max_position_embeddings", TRAINED_POSITIONS)))
     # With device_map="auto" the layers may sit on several GPUs; inputs go where the embeddings are.
     first_device = model.get_input_embeddings().weight.device
+    assert isinstance(first_device, torch.device)
     loaded = LoadedModel(
         name=config.model,
         model=model,

@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
+from model_server.errors import PromptError as PromptError  # raised here; callers may import it from here
 from model_server.neutralize import neutralize, neutralize_role_lines
 from model_server.types import ChatTurn, GenerationParams, Prompt, PromptItem, Role
 
@@ -49,13 +50,6 @@ UNNAMED_AUTHOR = "someone"
 
 DEFAULT_MAX_PROMPT_TOKENS = 2048 - 256
 """IDEFICS saw at most 2048 tokens; 256 are left for the answer (callers pass 2048 - max_new_tokens)."""
-
-
-class PromptError(ValueError):
-    """The request cannot become a prompt. `str(error)` is a short message meant for the user.
-
-    Messages never quote the user's text, so they are also safe to log.
-    """
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Several model replicas in one process: one per device, each with its own `Executor` and model thread.
 
 `IDEFICS_DEVICES=cuda:0,cuda:1` loads the whole model once per listed device (`device_map={"": device}`, never
-spread) and serves the replicas as one `ReplicaPool`, which has the executor's public surface (`submit`,
-`generate`, `rank`, `stats`, `batches`, `fault`, `on_fatal`, `close`, `async with`). A checkpoint too large for
+spread) and serves the replicas as one `ReplicaPool`, which keeps the same `backend.GenerationBackend` contract
+as a single executor. A checkpoint too large for
 one GPU (80B) does not use this: without `IDEFICS_DEVICES` one model is spread over all GPUs (`loading`).
 
 Routing: each request goes to the healthy replica with the fewest requests waiting plus running (ties: the lowest
@@ -30,11 +30,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING
 
+from model_server.backend import BatchRecord, ExecutorStats, GenerationBackend, Observer, RequestHandle
 from model_server.config import ModelConfig
 from model_server.errors import Busy, ExecutorClosed, ModelLoadError, ModelStuck
-from model_server.executor import BatchRecord, Executor, ExecutorStats, RequestHandle
+from model_server.executor import Executor
 from model_server.types import GenerationResult, Prompt, RankedCategory
 from model_server.vision_cache import VisionCacheStats
 
@@ -61,15 +63,15 @@ def parse_devices(entries: Sequence[str]) -> tuple[str, ...]:
     devices = tuple(entry.strip().lower() for entry in entries)
     for entry, device in zip(entries, devices, strict=True):
         if not device:
-            raise ModelLoadError(f"IDEFICS_DEVICES has an empty entry: {list(entries)!r}",
-                                 user_message=f"IDEFICS_DEVICES has an empty entry: {_EXAMPLE}")
+            raise ModelLoadError(f"IDEFICS_DEVICES has an empty entry: {_EXAMPLE}",
+                                 detail=f"IDEFICS_DEVICES has an empty entry: {list(entries)!r}")
         if _DEVICE.fullmatch(device) is None:
-            raise ModelLoadError(f"IDEFICS_DEVICES entry {entry!r} is not a device",
-                                 user_message=f"IDEFICS_DEVICES: {entry.strip()!r} is not a device; {_EXAMPLE}")
+            raise ModelLoadError(f"IDEFICS_DEVICES: {entry.strip()!r} is not a device; {_EXAMPLE}",
+                                 detail=f"IDEFICS_DEVICES entry {entry!r} is not a device")
     if "cpu" in devices and any(d != "cpu" for d in devices):
-        raise ModelLoadError(f"IDEFICS_DEVICES mixes cpu and cuda: {','.join(devices)}",
-                             user_message="IDEFICS_DEVICES mixes cpu and GPUs: list GPUs only (a CPU replica would "
-                             "answer far slower than the others)")
+        raise ModelLoadError("IDEFICS_DEVICES mixes cpu and GPUs: list GPUs only (a CPU replica would "
+                             "answer far slower than the others)",
+                             detail=f"IDEFICS_DEVICES mixes cpu and cuda: {','.join(devices)}")
     return devices
 
 
@@ -81,8 +83,8 @@ def resolve_devices(entries: Sequence[str]) -> tuple[str, ...]:
     if not devices or devices[0] == "cpu":
         return devices
     if not torch.cuda.is_available():
-        raise ModelLoadError(f"IDEFICS_DEVICES={','.join(devices)} but torch sees no CUDA device",
-                             user_message=f"IDEFICS_DEVICES lists {devices[0]}, but no CUDA GPU is available")
+        raise ModelLoadError(f"IDEFICS_DEVICES lists {devices[0]}, but no CUDA GPU is available",
+                             detail=f"IDEFICS_DEVICES={','.join(devices)} but torch sees no CUDA device")
     count = torch.cuda.device_count()
     resolved: list[str] = []
     for device in devices:
@@ -90,9 +92,9 @@ def resolve_devices(entries: Sequence[str]) -> tuple[str, ...]:
         number = torch.cuda.current_device() if index is None else int(index)
         if number >= count:
             seen = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            raise ModelLoadError(f"IDEFICS_DEVICES lists {device}, torch sees {count} CUDA devices",
-                                 user_message=f"IDEFICS_DEVICES lists {device}, but this machine has {count} CUDA "
-                                 f"GPU{'s' if count != 1 else ''} ({seen})")
+            raise ModelLoadError(f"IDEFICS_DEVICES lists {device}, but this machine has {count} CUDA "
+                                 f"GPU{'s' if count != 1 else ''} ({seen})",
+                                 detail=f"IDEFICS_DEVICES lists {device}, torch sees {count} CUDA devices")
         resolved.append(f"cuda:{number}")
     return tuple(resolved)
 
@@ -110,7 +112,7 @@ def load_replicas(config: ModelConfig, progress: Progress | None = None) -> list
     say = progress or (lambda line: log.info("%s", line))
     devices = resolve_devices(config.devices)
     if not devices:
-        raise ModelLoadError("load_replicas without devices", user_message="IDEFICS_DEVICES lists no device")
+        raise ModelLoadError("IDEFICS_DEVICES lists no device", detail="load_replicas without devices")
     dtypes = {resolve_dtype(config.dtype, device) for device in devices}
     # Only GPUs of different generations disagree ("auto": bfloat16 on some, float16 on others).
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float16
@@ -118,11 +120,15 @@ def load_replicas(config: ModelConfig, progress: Progress | None = None) -> list
     started = time.monotonic()
     loaded: list[LoadedModel] = []
     for number, device in enumerate(devices, 1):
-        prefix = f"replica {number}/{len(devices)} on {device}: "
-        loaded.append(load_model(config, lambda line, prefix=prefix: say(prefix + line), device=device))
+        loaded.append(load_model(config, _prefixed(say, f"replica {number}/{len(devices)} on {device}: "),
+                                 device=device))
     if len(devices) > 1:
         say(f"{len(devices)} replicas ready in {time.monotonic() - started:.1f}s")
     return loaded
+
+
+def _prefixed(say: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda line: say(prefix + line)
 
 
 # -- the pool --------------------------------------------------------------------------------------------------
@@ -145,6 +151,7 @@ def merge_stats(parts: Sequence[ExecutorStats], latencies: Sequence[float], faul
         median_latency_s=statistics.median(latencies) if latencies else None,
         batches=sum(p.batches for p in parts), errors=errors, fault=fault,
         vision_cache=merge_vision_cache([p.vision_cache for p in parts if p.vision_cache is not None]),
+        latencies_s=tuple(latencies),
     )
 
 
@@ -168,7 +175,7 @@ class ReplicaPool:
         self.devices = tuple(devices) if devices is not None else tuple(f"#{i + 1}" for i in range(len(replicas)))
         """One label per replica, for logs and `fault`."""
         self._closing = False
-        self._on_fatal: Callable[[str], None] | None = None
+        self._on_fatal: Callable[[str], object] | None = None
 
     @classmethod
     def from_models(cls, models: Sequence[LoadedModel], config: ModelConfig, *,
@@ -185,7 +192,8 @@ class ReplicaPool:
         self.start()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
         await self.close()
 
     def start(self) -> None:
@@ -200,17 +208,17 @@ class ReplicaPool:
         await asyncio.gather(*(replica.close(grace_s) for replica in self.replicas))
 
     @property
-    def on_fatal(self) -> Callable[[str], None] | None:
+    def on_fatal(self) -> Callable[[str], object] | None:
         """Called once per replica stuck past twice `config.watchdog_s`, from that replica's watchdog thread."""
         return self._on_fatal
 
     @on_fatal.setter
-    def on_fatal(self, hook: Callable[[str], None] | None) -> None:
+    def on_fatal(self, hook: Callable[[str], object] | None) -> None:
         self._on_fatal = hook
         for index, replica in enumerate(self.replicas):
             replica.on_fatal = None if hook is None else self._fatal_hook(index, hook)
 
-    def _fatal_hook(self, index: int, hook: Callable[[str], None]) -> Callable[[str], None]:
+    def _fatal_hook(self, index: int, hook: Callable[[str], object]) -> Callable[[str], object]:
         return lambda reason: hook(f"{self._label(index)}: {reason}")
 
     # -- submitting ------------------------------------------------------------------------------
@@ -229,14 +237,14 @@ class ReplicaPool:
 
     def _pick(self) -> Executor:
         if self._closing:
-            raise ExecutorClosed("executor is closing")
+            raise ExecutorClosed(detail="executor is closing")
         parts = [replica.stats() for replica in self.replicas]
         waiting = sum(p.queue_length for p in parts)
         if waiting >= self.config.max_queue:
             raise Busy(waiting, self.config.max_queue)
         chosen = route([None if p.fault is not None else p.queue_length + p.running for p in parts])
         if chosen is None:
-            raise ModelStuck(f"request refused: {self.fault}")
+            raise ModelStuck(detail=f"request refused: {self.fault}")
         log.debug("request routed to %s (loads %s)", self._label(chosen),
                   ",".join(str(p.queue_length + p.running) for p in parts))
         return self.replicas[chosen]
@@ -244,8 +252,8 @@ class ReplicaPool:
     # -- what `/status`, tests and benchmarks read -----------------------------------------------
     def stats(self) -> ExecutorStats:
         parts = [replica.stats() for replica in self.replicas]
-        # The executor keeps its last 200 latencies; a median of the replicas' medians would not be the median.
-        latencies = [s for replica in self.replicas for s in replica._latencies.copy()]
+        # Each replica reports its last 200 latencies; a median of the replicas' medians would not be the median.
+        latencies = [s for part in parts for s in part.latencies_s]
         return merge_stats(parts, latencies, self.fault)
 
     def replica_stats(self) -> list[tuple[str, ExecutorStats]]:
@@ -258,6 +266,27 @@ class ReplicaPool:
         records = [ReplicaBatchRecord(r.size, r.kind, r.started, index)
                    for index, replica in enumerate(self.replicas) for r in replica.batches.copy()]
         return sorted(records, key=lambda r: r.started)
+
+    @property
+    def alive(self) -> bool:
+        """Every replica's model thread runs."""
+        return all(replica.alive for replica in self.replicas)
+
+    async def health(self) -> str | None:
+        return self.fault or (None if self.alive else "model thread not running")
+
+    def memory(self) -> dict[str, int]:
+        # Every replica reports every GPU of the process: asking one is enough.
+        return self.replicas[0].memory()
+
+    def add_observer(self, observer: Observer) -> None:
+        """Each replica tells `observer` its requests' outcomes."""
+        for replica in self.replicas:
+            replica.add_observer(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        for replica in self.replicas:
+            replica.remove_observer(observer)
 
     @property
     def fault(self) -> str | None:
@@ -278,3 +307,8 @@ def local_executor(models: Sequence[LoadedModel], config: ModelConfig, *,
 
         return Executor(LocalEngine.for_config(models[0], config), config, batch_window_s=batch_window_s)
     return ReplicaPool.from_models(models, config, batch_window_s=batch_window_s)
+
+
+if TYPE_CHECKING:
+    def _keeps_the_contract(backend: ReplicaPool) -> GenerationBackend:
+        return backend  # mypy checks that `ReplicaPool` is a `GenerationBackend`

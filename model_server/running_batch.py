@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from model_server.streaming import TextAssembler
 
+if TYPE_CHECKING:
+    from model_server.engine import Row
 
-class GrowingLayer(DynamicLayer):
+
+class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers is untyped here
     """One layer's keys and values in buffers with room to grow.
 
     transformers' `DynamicLayer` appends each step's column with `torch.cat`, copying the whole cache
@@ -36,9 +40,9 @@ class GrowingLayer(DynamicLayer):
         # Columns in use, one count per buffer: code that replaces `keys` and then `values` (filtering
         # rows, cutting padding) reads `values` between the two assignments.
         self._k_length = self._v_length = 0
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # transformers is untyped here
 
-    @property  # type: ignore[override]
+    @property
     def keys(self) -> torch.Tensor | None:
         return None if self._k is None else self._k[:, :, : self._k_length]
 
@@ -47,7 +51,7 @@ class GrowingLayer(DynamicLayer):
         self._k = value
         self._k_length = 0 if value is None else value.shape[-2]
 
-    @property  # type: ignore[override]
+    @property
     def values(self) -> torch.Tensor | None:
         return None if self._v is None else self._v[:, :, : self._v_length]
 
@@ -60,19 +64,27 @@ class GrowingLayer(DynamicLayer):
         self.device = key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start = self._k_length
         end = start + key_states.shape[-2]
-        if self._k is None or end > self._k.shape[-2] or self._k.shape[0] != key_states.shape[0]:
+        k, v = self._k, self._v
+        if k is None or v is None or end > k.shape[-2] or k.shape[0] != key_states.shape[0]:
             capacity = end + max(32, end // 4)
-            self._k = self._grown(self._k, key_states, start, capacity)
-            self._v = self._grown(self._v, value_states, start, capacity)
-        self._k[:, :, start:end] = key_states
-        self._v[:, :, start:end] = value_states
+            k = self._k = self._grown(k, key_states, start, capacity)
+            v = self._v = self._grown(v, value_states, start, capacity)
+        k[:, :, start:end] = key_states
+        v[:, :, start:end] = value_states
         self._k_length = self._v_length = end
-        return self.keys, self.values
+        return k[:, :, :end], v[:, :, :end]
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of a layer the model already wrote to."""
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None, "an empty cache layer"
+        return keys, values
 
     @staticmethod
     def _grown(old: torch.Tensor | None, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
@@ -82,7 +94,7 @@ class GrowingLayer(DynamicLayer):
         return buffer
 
 
-def new_cache(config) -> DynamicCache:
+def new_cache(config: PretrainedConfig) -> DynamicCache:
     """A key/value cache for `config`'s model whose layers grow in place (`GrowingLayer`)."""
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() for _ in cache.layers]
@@ -93,7 +105,7 @@ def new_cache(config) -> DynamicCache:
 class RowState:
     """What the decode loop keeps for one row besides its tensors."""
 
-    row: object
+    row: Row
     """The `engine.Row` it decodes."""
     assembler: TextAssembler
     prompt_ids: list[int]
@@ -144,9 +156,10 @@ class RunningBatch:
         if first == 0:
             return
         self.attention = self.attention[:, first:]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, first:, :]
-            layer.values = layer.values[:, :, first:, :]
+        for layer in _layers(self.cache):
+            keys, values = layer.filled()
+            layer.keys = keys[:, :, first:, :]
+            layer.values = values[:, :, first:, :]
 
     @torch.inference_mode()
     def join(self, other: RunningBatch) -> None:
@@ -154,13 +167,21 @@ class RunningBatch:
         width = max(self.attention.shape[1], other.attention.shape[1])
         images = max(self.image_mask.shape[-1], other.image_mask.shape[-1])
         self.attention = torch.cat([_pad_left(self.attention, width, 1), _pad_left(other.attention, width, 1)])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            (my_keys, my_values), (their_keys, their_values) = mine.filled(), theirs.filled()
+            mine.keys = torch.cat([_pad_left(my_keys, width, 2), _pad_left(their_keys, width, 2)])
+            mine.values = torch.cat([_pad_left(my_values, width, 2), _pad_left(their_values, width, 2)])
         self.image_mask = torch.cat([_pad_images(self.image_mask, images, 2), _pad_images(other.image_mask, images, 2)])
         self.features = torch.cat([_pad_images(self.features, images, 1), _pad_images(other.features, images, 1)])
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
         self.states = self.states + other.states
+
+
+def _layers(cache: DynamicCache) -> list[GrowingLayer]:
+    """The layers of a cache made by `new_cache`."""
+    layers = cache.layers
+    assert all(isinstance(layer, GrowingLayer) for layer in layers), "a cache not made by new_cache"
+    return cast(list[GrowingLayer], layers)
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from model_server.errors import PromptError
 from model_server.neutralize import neutralize
-from model_server.prompt import CHAT_STOP, PromptError, defuse_urls
+from model_server.prompt import CHAT_STOP, defuse_urls
 from model_server.types import GenerationParams, Prompt, PromptItem
 
 DEFAULT_CAPTION_PROMPT = "This is an image of "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -20,7 +20,7 @@ from model_server.bounded_cache import BoundedCache, CacheStats
 if TYPE_CHECKING:  # the executor imports this module and must not load torch (TGI runs without it)
     import torch
 
-_KEYS: dict[int, tuple[weakref.ref, Hashable]] = {}
+_KEYS: dict[int, tuple[weakref.ref[Any], Hashable]] = {}
 """id(image) -> (a weak reference to it, its key): a picture kept between requests (the bot keeps decoded
 history pictures) is hashed once, not at every request. An entry leaves with its image (the finalizer may run
 on any thread; single dict operations are atomic)."""

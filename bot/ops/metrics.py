@@ -5,31 +5,28 @@
 prometheus-client's global one, so several bots (tests) never share a counter.
 
 Two sources:
-- observations, from the executor's `observers` hook (each request's result or failure, from the model thread):
+- observations, from the executor's observer hook (`add_observer`: each request's result or failure):
   answered / refused / failed / cancelled counts, latency, queue wait, time to first token, tokens per second,
   generated and prompt tokens;
 - scrape-time reads, by `LiveCollector`: queue length and running requests (`executor.stats()`), the
   executor's errors by kind, its fault, the batch sizes of batches run since the last scrape
-  (`executor.batches`), GPU memory (`model_server.loading.gpu_memory`) and whether Discord is connected.
+  (`executor.batches`), GPU memory (`executor.memory()`) and whether Discord is connected.
 
 No metric has a user, channel or message label: labels are finish reasons, error kinds and device names.
 
 `/healthz`: 200 `{"status": "ok"}` only when Discord is connected (ready, not closed, every shard up, not
-shutting down) and the model answers (no executor fault and its model thread alive; on text-generation-inference,
-its `/health` answered 200 at the last check, at most `TGI_CHECK_INTERVAL_S` ago); else 503 with the state of
+shutting down) and the model answers (`executor.health()`: no fault and its model thread alive; on
+text-generation-inference, its `/health` answered 200 at the last check); else 503 with the state of
 each part, e.g. `{"status": "unavailable", "discord": "not connected yet", "model": "ok"}`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import discord
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -37,9 +34,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from bot.settings import Settings
+from model_server.backend import BatchRecord, GenerationBackend
 from model_server.errors import Busy
-from model_server.executor import BatchRecord
-from model_server.tgi import TgiExecutor
 from model_server.types import FinishReason, GenerationResult
 
 log = logging.getLogger(__name__)
@@ -48,9 +44,6 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 200.0, 500.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
-TGI_CHECK_INTERVAL_S = 5.0
-"""Longest `/healthz` reuses the result of text-generation-inference's `/health`."""
-TGI_CHECK_TIMEOUT_S = 2.0
 OK = "ok"
 
 
@@ -88,7 +81,7 @@ class RequestMetrics:
                                      registry=registry)
 
     def observe(self, outcome: GenerationResult | Exception) -> None:
-        """One request's outcome: `Executor.observers` calls this."""
+        """One request's outcome: the executor calls this (`add_observer`)."""
         if isinstance(outcome, Busy):
             self.refused.inc()
         elif isinstance(outcome, Exception):
@@ -156,7 +149,7 @@ def _bound_text(bound: float) -> str:
 class LiveCollector(Collector):
     """The values read when Prometheus scrapes: queue, running, errors, fault, batches, GPU memory, Discord."""
 
-    def __init__(self, executor: Any, client: discord.Client) -> None:
+    def __init__(self, executor: GenerationBackend | None, client: discord.Client) -> None:
         self.executor = executor
         self.client = client
         self.batch_sizes = BatchSizes()
@@ -187,22 +180,14 @@ class LiveCollector(Collector):
             lookups.add_metric(["miss"], cache.misses)
             yield lookups
             yield GaugeMetricFamily("idefics_vision_cache_bytes", "Bytes of image features kept.", value=cache.bytes)
-        self.batch_sizes.update(getattr(executor, "batches", ()))
+        self.batch_sizes.update(executor.batches)
         yield self.batch_sizes.metric()
         memory = GaugeMetricFamily("idefics_gpu_memory_allocated_bytes",
                                    "Bytes of tensors allocated on each GPU (torch.cuda.memory_allocated).",
                                    labels=["device"])
-        if not isinstance(executor, TgiExecutor):  # a local model: torch is loaded already
-            from model_server.loading import gpu_memory
-
-            for device, used in sorted(gpu_memory().items()):
-                memory.add_metric([device], used)
+        for device, used in sorted(executor.memory().items()):
+            memory.add_metric([device], used)
         yield memory
-
-
-def _parts(executor: Any) -> list[Any]:
-    """The executors doing the work: a replica pool's replicas (`model_server.replicas`), or the executor."""
-    return list(getattr(executor, "replicas", ())) or [executor]
 
 
 # -- health ---------------------------------------------------------------------------------------
@@ -242,14 +227,9 @@ class Health:
 class HealthCheck:
     """Whether the bot can answer: Discord connected and the model answering (see the module's docstring)."""
 
-    def __init__(self, executor: Any, client: discord.Client) -> None:
+    def __init__(self, executor: GenerationBackend | None, client: discord.Client) -> None:
         self.executor = executor
         self.client = client
-        self._session: aiohttp.ClientSession | None = None
-        self.tgi_check_interval_s = TGI_CHECK_INTERVAL_S
-        self._tgi_checked_at: float | None = None
-        self._tgi_problem: str | None = None
-        self._tgi_lock = asyncio.Lock()
 
     async def check(self) -> Health:
         problem = discord_problem(self.client)
@@ -258,41 +238,9 @@ class HealthCheck:
         return Health(discord=problem or OK, model=await self.model_problem() or OK)
 
     async def model_problem(self) -> str | None:
-        executor = self.executor
-        if executor is None:
+        if self.executor is None:
             return "no model loaded"
-        fault = executor.fault
-        if fault:
-            return fault
-        if isinstance(executor, TgiExecutor):
-            return await self._tgi_health(executor)
-        if not all(getattr(part, "alive", True) for part in _parts(executor)):
-            return "model thread not running"
-        return None
-
-    async def _tgi_health(self, executor: TgiExecutor) -> str | None:
-        async with self._tgi_lock:  # one check at a time; probes that come meanwhile share its result
-            loop = asyncio.get_running_loop()
-            if self._tgi_checked_at is not None and loop.time() - self._tgi_checked_at < self.tgi_check_interval_s:
-                return self._tgi_problem
-            self._tgi_problem = await self._probe_tgi(executor.config.url.rstrip("/") + "/health")
-            self._tgi_checked_at = loop.time()
-            return self._tgi_problem
-
-    async def _probe_tgi(self, url: str) -> str | None:
-        if self._session is None:
-            # trust_env=False, like the TGI client: a TGI_URL on the private network never goes through a proxy.
-            self._session = aiohttp.ClientSession(trust_env=False)
-        try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=TGI_CHECK_TIMEOUT_S)) as response:
-                return None if response.status == 200 else f"text-generation-inference /health: {response.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"text-generation-inference not reachable ({type(exc).__name__})"
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        return await self.executor.health()
 
 
 # -- the server -----------------------------------------------------------------------------------
@@ -303,7 +251,8 @@ class MetricsServer:
     (see `port` once started).
     """
 
-    def __init__(self, executor: Any, client: discord.Client, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, executor: GenerationBackend | None, client: discord.Client, *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
         self.executor = executor
         self.host = host
         self.requested_port = port
@@ -333,27 +282,16 @@ class MetricsServer:
             raise MetricsServerError(f"the metrics server cannot listen on {self.host}:{self.requested_port} "
                                      f"({exc.strerror or exc}): set METRICS_PORT to a free port, or unset it") from exc
         self._runner = runner
-        for observed in self._observed():
-            observed.observers.append(self.requests.observe)
-        if self.executor is not None and not self._observed():
-            log.warning("the executor reports no request outcomes: request counters and latencies stay empty")
+        if self.executor is not None:
+            self.executor.add_observer(self.requests.observe)
         log.info("metrics at http://%s:%d/metrics, health at /healthz", self.host, self.port)
 
-    def _observed(self) -> list[Any]:
-        """Where to hook `observe`: the executor, or each replica of a pool that reports no outcomes itself."""
-        if self.executor is None:
-            return []
-        return [part for part in ([self.executor] if hasattr(self.executor, "observers") else _parts(self.executor))
-                if hasattr(part, "observers")]
-
     async def stop(self) -> None:
-        for observed in self._observed():
-            if self.requests.observe in observed.observers:
-                observed.observers.remove(self.requests.observe)
+        if self.executor is not None:
+            self.executor.remove_observer(self.requests.observe)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self.health.close()
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # Scrape-time reads are quick (counters, a lock held for microseconds): done on the loop.
@@ -365,7 +303,8 @@ class MetricsServer:
         return web.json_response(health.body(), status=200 if health.ok else 503)
 
 
-async def start_metrics_server(settings: Settings, executor: Any, client: discord.Client) -> MetricsServer | None:
+async def start_metrics_server(settings: Settings, executor: GenerationBackend | None,
+                               client: discord.Client) -> MetricsServer | None:
     """The started server when `METRICS_PORT` is set, else None; raises `MetricsServerError` (one line)."""
     if settings.metrics_port is None:
         return None

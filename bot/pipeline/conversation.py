@@ -23,8 +23,8 @@ from PIL import Image
 from bot.errors import user_message
 from bot.images.check import CheckedImage
 from bot.pipeline.decoded_images import DecodedImages
+from model_server.backend import GenerationBackend, RequestHandle
 from model_server.errors import Busy, ModelServerError
-from model_server.executor import Executor, RequestHandle
 from model_server.prompt import PromptError, render_chat
 from model_server.types import ChatTurn, Decoding, FinishReason, GenerationParams, GenerationResult, Prompt
 from storage import ChannelSettings, ImageBlob, NewMessage, StorageError, Store, StoredMessage
@@ -109,7 +109,7 @@ class _ChannelTurn:
 
 
 class Conversation:
-    def __init__(self, store: Store, executor: Executor | None, model: ModelInfo, defaults: ChatDefaults, *,
+    def __init__(self, store: Store, executor: GenerationBackend | None, model: ModelInfo, defaults: ChatDefaults, *,
                  assistant_id: str = "assistant", assistant_name: str = "Assistant") -> None:
         self.store = store
         self.executor = executor

@@ -13,12 +13,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bot.images.fetch import ImageFetcher, create_session
 from bot.pipeline.conversation import Conversation, ModelInfo
 from bot.settings import Settings
-from model_server.executor import Executor
+from model_server.backend import GenerationBackend
 from storage import Database, open_database
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ log = logging.getLogger(__name__)
 class Services:
     settings: Settings
     database: Database
-    executor: Executor | None
+    executor: GenerationBackend | None
     """None in `--dry-run`: nothing is generated."""
     model: ModelInfo
     fetcher: ImageFetcher
@@ -54,11 +53,12 @@ def model_info_without_weights(name: str) -> ModelInfo:
 
 @contextlib.asynccontextmanager
 async def open_executor(settings: Settings, model: str | None = None,
-                        progress: Callable[[str], None] | None = None) -> AsyncIterator[tuple[Executor, ModelInfo]]:
+                        progress: Callable[[str], None] | None = None,
+                        ) -> AsyncIterator[tuple[GenerationBackend, ModelInfo]]:
     """Load the model (on a worker thread: loading takes minutes for real checkpoints) and start the executor.
 
     With `IDEFICS_DEVICES` listing several devices, one replica is loaded on each (one after the other) and the
-    executor is a `ReplicaPool` with the same surface; listing one device loads a plain executor there.
+    executor is a `ReplicaPool` (the same contract); listing one device loads a plain executor there.
     With `GENERATION_BACKEND=tgi` nothing is loaded here: the executor sends requests to `TGI_URL`.
     """
     if settings.generation_backend == "tgi":
@@ -82,7 +82,8 @@ async def open_executor(settings: Settings, model: str | None = None,
 
 @contextlib.asynccontextmanager
 async def open_tgi_executor(settings: Settings, model: str | None = None,
-                            progress: Callable[[str], None] | None = None) -> AsyncIterator[tuple[Any, ModelInfo]]:
+                            progress: Callable[[str], None] | None = None,
+                            ) -> AsyncIterator[tuple[GenerationBackend, ModelInfo]]:
     """A `TgiExecutor` on `TGI_URL`, checked ready, and the `ModelInfo` of the model that server runs.
 
     The prompt budget follows the server's `/info` limits. Instruct or base, and the token count, come from the
@@ -125,7 +126,7 @@ async def open_services(settings: Settings, *, model: str | None = None, dry_run
         session = create_session(allow_private=allow_private_links)
         stack.push_async_callback(session.close)
         fetcher = ImageFetcher(session, settings.image_limits(), allow_private=allow_private_links)
-        executor: Executor | None = None
+        executor: GenerationBackend | None = None
         if dry_run:
             info = await asyncio.to_thread(model_info_without_weights, model or settings.idefics_model)
         else:

@@ -8,9 +8,10 @@ import dataclasses
 
 import pytest
 
+from model_server.backend import RequestHandle
 from model_server.config import ModelConfig
 from model_server.errors import GenerationFailed
-from model_server.executor import Executor, RequestHandle
+from model_server.executor import Executor
 from model_server.types import FinishReason, GenerationResult, Prompt
 from tests.model_server.test_executor import chat
 
@@ -173,7 +174,7 @@ async def test_a_request_that_breaks_prefill_fails_alone_while_the_batch_runs(en
 async def test_a_nearly_full_batch_takes_newcomers_a_few_at_a_time(engine, model_config):
     """Each join pauses the running rows for a prefill: with fewer than half the rows free, a newcomer waits
     up to `JOIN_WAIT_STEPS` decode steps (for company, or for rows to finish), then joins."""
-    from model_server.executor import JOIN_WAIT_STEPS
+    from model_server.scheduler import JOIN_WAIT_STEPS
 
     config = dataclasses.replace(model_config, max_batch_size=4)
     async with Executor(engine, config, batch_window_s=0.05) as ex:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import torch
 
+from model_server.backend import ExecutorStats
 from model_server.config import ModelConfig
 from model_server.errors import Busy, ExecutorClosed, ModelLoadError, ModelStuck
-from model_server.executor import Executor, ExecutorStats
+from model_server.executor import Executor
 from model_server.replicas import (
     ReplicaPool,
     load_replicas,

@@ -30,8 +30,8 @@ from bot.errors import UserInputError
 from bot.images.check import CheckedImage
 from bot.pipeline.conversation import EMPTY_ANSWER, ReplySink, report_queue
 from model_server import tasks
+from model_server.backend import GenerationBackend, RequestHandle
 from model_server.errors import ModelServerError
-from model_server.executor import Executor, RequestHandle
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 
 NO_MODEL_MESSAGE = "no model is loaded"
@@ -96,7 +96,7 @@ class TaskCommands(CommandCog):
     async def cog_unload(self) -> None:
         self.host.tree.remove_command(self.caption_menu.name, type=self.caption_menu.type)
 
-    def _executor(self) -> Executor:
+    def _executor(self) -> GenerationBackend:
         if self.services.executor is None:
             raise ModelServerError(user_message=NO_MODEL_MESSAGE, detail="no executor")
         return self.services.executor

@@ -218,9 +218,9 @@ class GatedEngine:
         self.inner = inner
         self.gate = threading.Event()
 
-    def beam_search(self, rows: Any) -> None:
+    def beam_search(self, rows: Any) -> Any:
         self.gate.wait(30)
-        self.inner.beam_search(rows)
+        return self.inner.beam_search(rows)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -30,9 +30,10 @@ from bot.ops.log_format import JsonFormatter, use_log_format
 from bot.ops.logging_setup import REDACTED, install_log_redaction, uninstall_log_redaction
 from bot.ops.metrics import BatchSizes, MetricsServer, MetricsServerError
 from bot.pipeline.services import Services
+from model_server.backend import BatchRecord
 from model_server.config import ModelConfig
 from model_server.errors import Busy, ModelStuck
-from model_server.executor import BatchRecord, Executor
+from model_server.executor import Executor
 from model_server.replicas import ReplicaPool
 from model_server.tgi import TgiConfig, TgiExecutor
 from model_server.types import GenerationParams, Prompt
@@ -191,7 +192,7 @@ async def test_text_generation_inference_health_and_outcomes(fake_discord: FakeD
     async with FakeTgi() as fake_tgi:
         config = TgiConfig(url=fake_tgi.url, connect_timeout_s=2.0, max_retries=0, start_wait_s=0.0)
         async with TgiExecutor(config) as tgi, fake_discord.running(bot), metrics_server(tgi, bot) as server:
-            server.health.tgi_check_interval_s = 0.0
+            tgi.health_interval_s = 0.0
             assert await healthz(server.port) == (200, {"status": "ok"})
             assert (await tgi.generate(PROMPT)).completion_tokens > 0
             families, _ = await scrape(server.port)

@@ -12,7 +12,7 @@ from model_server import tasks
 from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelLoadError, RequestTimeout
 from model_server.prompt import CHAT_STOP, END_OF_UTTERANCE, prompt_text, render_chat
 from model_server.tgi import TgiConfig, TgiExecutor
-from model_server.tgi_client import CUT_MESSAGE, OVERLOADED_MESSAGE, TOO_LONG_MESSAGE, RequestRejected
+from model_server.tgi.client import CUT_MESSAGE, OVERLOADED_MESSAGE, TOO_LONG_MESSAGE, RequestRejected
 from model_server.types import ChatTurn, FinishReason, GenerationParams, Prompt
 from tests.conftest import noise_image
 from tests.fakes.tgi import EOS, EOU, FakeTgi, Plan, words
@@ -108,7 +108,7 @@ async def test_many_large_images_fit_tgis_payload_limit(tgi: TgiExecutor, fake_t
 
 
 def test_images_shrink_further_to_fit_a_smaller_limit():
-    from model_server.tgi_render import build_body
+    from model_server.tgi.render import build_body
 
     items = chat(n_images=3, size=(800, 600)).items
     roomy = build_body(items, {"max_new_tokens": 8})
@@ -295,7 +295,7 @@ async def test_events_split_anywhere_across_chunks(tgi: TgiExecutor, fake_tgi: F
 
 
 def test_sse_parser_framing():
-    from model_server.tgi_client import SseParser
+    from model_server.tgi.client import SseParser
 
     stream = (b": hello\r\ndata: {\"a\": 1}\r\n\r\ndata:line one\ndata: line two\nid: 3\n\n"
               b"event: x\rdata: caf\xc3\xa9\r\r: only a comment\n\ndata: unfinished")

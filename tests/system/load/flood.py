@@ -18,7 +18,7 @@ from tests.fakes.discord_api import FakeDiscord
 from tests.fakes.discord_api.models import FakeChannel, FakeGuild, FakeMember, MessageRecord, snowflake_time
 
 BUSY_PREFIX = "the model is busy"
-"""The executor's queue-full message (`model_server.errors.Busy.user_message`) starts so."""
+"""The executor's queue-full message (`model_server.errors.Busy`, its `user_message`) starts so."""
 QUEUED_PREFIX = "⏳"
 """A queue-position note: shown while waiting, never a final answer."""
 

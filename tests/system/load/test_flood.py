@@ -115,7 +115,7 @@ async def test_flood_of_mentions(tmp_path: Path, engine: Any, model_config: Any,
                     # The executor keeps its last batch records (for /status) in a ring of fixed size:
                     # they may grow until the ring is full, never past it.
                     ring = services.executor.batches
-                    bounded = {"model_server.executor.BatchRecord": ring.maxlen or 0}
+                    bounded = {"model_server.backend.BatchRecord": ring.maxlen or 0}
                     grown = {kind: objects_after[kind] - objects_before[kind] for kind in objects_after
                              if objects_after[kind] - objects_before[kind] > CENSUS_SLACK
                              and objects_after[kind] > bounded.get(kind, -1)}

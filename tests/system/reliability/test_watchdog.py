@@ -135,7 +135,7 @@ async def test_status_shows_the_fault_and_the_bot_recovers(fake_discord: Any, bo
         with stuck_forward(engine) as gate:
             asked = await fake.send_message_as(world.member, world.general, "are you there?", mentions_bot=True)
             reply = await answer_to(running, world.general, asked)
-            assert reply.content == ModelStuck.user_message
+            assert reply.content == ModelStuck.default_user_message
             text = answered(await slash(running, "status"))
             fields = dict(line.split(": ", 1) for line in text.strip("`\n").splitlines())
             assert fields["fault"].startswith("model thread stuck for ")
@@ -144,7 +144,7 @@ async def test_status_shows_the_fault_and_the_bot_recovers(fake_discord: Any, bo
             await eventually(lambda: services.executor.fault is None, 10, "the fault to clear")
         again = await fake.send_message_as(world.member, world.general, "and now?", mentions_bot=True)
         answer = await answer_to(running, world.general, again)
-        assert answer.content and answer.content != ModelStuck.user_message
+        assert answer.content and answer.content != ModelStuck.default_user_message
         stored = await running.store.get_message(str(again.id))
         assert stored.request_state == "answered"
         assert "fault" not in answered(await slash(running, "status"))

@@ -28,12 +28,12 @@ from typing import Any
 
 from PIL import Image
 
+from model_server.config import DEFAULT_MAX_BODY_BYTES
 from model_server.errors import GenerationFailed
 from model_server.neutralize import ZERO_WIDTH_SPACE
 from model_server.prompt import CHAT_STOP, END_OF_UTTERANCE
 from model_server.types import GenerationParams, PromptItem
 
-DEFAULT_MAX_BODY_BYTES = 2_000_000
 """TGI's default `--payload-limit`."""
 IMAGE_SIDE = 448
 """Longest side of an image sent to TGI at first: twice what the IDEFICS image processor keeps."""
@@ -144,10 +144,9 @@ def build_body(items: Sequence[PromptItem], parameters: dict[str, Any], *, suffi
         if len(body) < max_bytes:
             return RequestBody(body, inputs, tuple(len(j) for j in jpegs))
         if not images or side <= MIN_IMAGE_SIDE:
-            raise GenerationFailed(
-                f"request body {len(body)} bytes with {len(images)} images, limit {max_bytes}",
-                user_message="this request is too large for the model server; try fewer images",
-            )
+            raise GenerationFailed("this request is too large for the model server; try fewer images",
+                                   detail=f"request body {len(body)} bytes with {len(images)} images, "
+                                   f"limit {max_bytes}")
         # JPEG size goes roughly with the pixel count: scale the side by the square root of what must go.
         image_share = sum(len(j) for j in jpegs) * 4 / 3
         fixed = len(body) - image_share

@@ -20,17 +20,28 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
-from model_server.errors import GenerationFailed, ModelLoadError, RequestTimeout
+from model_server.errors import (
+    GenerationFailed,
+    ModelLoadError,
+    RequestRejected,
+    RequestTimeout,
+    ServerUnavailable,
+    StreamBroken,
+)
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 RETRYABLE_STATUS = frozenset({429, 503})
+HEALTH_TIMEOUT_S = 2.0
+"""A `/health` probe (metrics' `/healthz`) that takes longer counts as TGI not reachable."""
 MAX_RETRY_AFTER_S = 30.0
 """A server asking for a longer pause than this is treated as down for this request."""
 
@@ -40,18 +51,6 @@ FAILED_MESSAGE = "the model server failed on this request, please try again"
 CUT_MESSAGE = "the connection to the model server was lost mid-answer, please ask again"
 TOO_LONG_MESSAGE = "this conversation is too long for the model server; send a shorter message or /reset"
 INVALID_MESSAGE = "the model server rejected this request as invalid"
-
-
-class RequestRejected(GenerationFailed):
-    """TGI answered 422: the request is invalid (often: prompt too long). Never retried."""
-
-
-class ServerUnavailable(GenerationFailed):
-    """TGI could not be reached, or stayed overloaded / not ready, through every retry."""
-
-
-class StreamBroken(GenerationFailed):
-    """The stream broke after tokens were already streamed: not retried (the user saw them)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ class RetryPolicy:
     def delay(self, retry: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return retry_after
-        base = min(self.backoff_s * (2 ** retry), self.max_backoff_s)
+        base = min(self.backoff_s * (2.0 ** retry), self.max_backoff_s)
         return base * (1.0 + 0.1 * random.random())
 
 
@@ -167,10 +166,10 @@ def _rejection(status: int, error: str, error_type: str) -> Exception:
     detail = f"TGI {status} {error_type}: {error}"[:500]
     if status == 422 or error_type == "validation":
         too_long = "token" in error.lower() or "length" in error.lower()
-        return RequestRejected(detail, user_message=TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE)
+        return RequestRejected(TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE, detail=detail)
     if status in RETRYABLE_STATUS or error_type == "overloaded":
-        return ServerUnavailable(detail, user_message=OVERLOADED_MESSAGE)
-    return GenerationFailed(detail, user_message=FAILED_MESSAGE)
+        return ServerUnavailable(OVERLOADED_MESSAGE, detail=detail)
+    return GenerationFailed(FAILED_MESSAGE, detail=detail)
 
 
 class TgiClient:
@@ -201,7 +200,16 @@ class TgiClient:
             await self._session.close()
             self._session = None
 
-    # -- start-up checks -------------------------------------------------------------------------
+    # -- start-up and health checks -------------------------------------------------------------
+    async def health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> str | None:
+        """None when `GET /health` answers 200 within `timeout_s`, else what went wrong (for `/healthz`)."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=timeout_s)
+            async with self.session.get(self.base_url + "/health", timeout=timeout) as response:
+                return None if response.status == 200 else f"text-generation-inference /health: {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"text-generation-inference not reachable ({type(exc).__name__})"
+
     async def check_ready(self, wait_s: float = 0.0) -> dict[str, Any]:
         """`GET /health` then `GET /info`; retried for up to `wait_s` seconds. Returns the info object."""
         loop = asyncio.get_running_loop()
@@ -214,9 +222,9 @@ class TgiClient:
                 reason = exc.detail if isinstance(exc, _Retryable) else f"{type(exc).__name__}: {exc}"
                 if loop.time() + pause > give_up:
                     raise ModelLoadError(
-                        f"TGI at {self.base_url}: {reason}",
-                        user_message=f"text-generation-inference at {self.base_url} is not reachable / not ready "
+                        f"text-generation-inference at {self.base_url} is not reachable / not ready "
                         f"({reason}); start it or fix TGI_URL",
+                        detail=f"TGI at {self.base_url}: {reason}",
                     ) from exc
                 log.info("waiting for text-generation-inference at %s: %s", self.base_url, reason)
                 await asyncio.sleep(pause)
@@ -236,7 +244,7 @@ class TgiClient:
         return info
 
     # -- requests --------------------------------------------------------------------------------
-    async def _with_retries(self, what: str, attempt):
+    async def _with_retries(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run `attempt()` until it returns, retrying `_Retryable` failures with backoff."""
         retry = 0
         while True:
@@ -244,8 +252,8 @@ class TgiClient:
                 return await attempt()
             except _Retryable as exc:
                 if retry >= self.retry.max_retries:
-                    raise ServerUnavailable(f"{what}: {exc.detail} (after {retry} retries)",
-                                           user_message=exc.user_message) from None
+                    raise ServerUnavailable(exc.user_message,
+                                            detail=f"{what}: {exc.detail} (after {retry} retries)") from None
                 delay = self.retry.delay(retry, exc.retry_after)
                 retry += 1
                 log.info("%s: %s; retry %d/%d in %.2fs", what, exc.detail, retry, self.retry.max_retries, delay)
@@ -274,13 +282,12 @@ class TgiClient:
             if isinstance(result, list):  # some versions answer a one-element list
                 result = result[0] if result else {}
             if not isinstance(result, dict):
-                raise GenerationFailed("TGI /generate answered something other than an object",
-                                       user_message=FAILED_MESSAGE)
+                raise GenerationFailed(FAILED_MESSAGE, detail="TGI /generate answered something other than an object")
             return result
 
         return await self._with_retries("generate", attempt)
 
-    async def stream(self, body: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         """`POST /generate_stream`: each event's JSON object, in order, until the stream ends.
 
         Close the iterator (`contextlib.aclosing`) to stop early: the response, and with it the connection
@@ -298,17 +305,16 @@ class TgiClient:
                 return
             except _Retryable as exc:
                 if yielded:
-                    raise StreamBroken(f"stream: {exc.detail} after tokens were streamed",
-                                       user_message=CUT_MESSAGE) from None
+                    raise StreamBroken(CUT_MESSAGE, detail=f"stream: {exc.detail} after tokens were streamed") from None
                 if retry >= self.retry.max_retries:
-                    raise ServerUnavailable(f"stream: {exc.detail} (after {retry} retries)",
-                                            user_message=exc.user_message) from None
+                    raise ServerUnavailable(exc.user_message,
+                                            detail=f"stream: {exc.detail} (after {retry} retries)") from None
                 delay = self.retry.delay(retry, exc.retry_after)
                 retry += 1
                 log.info("stream: %s; retry %d/%d in %.2fs", exc.detail, retry, self.retry.max_retries, delay)
                 await asyncio.sleep(delay)
 
-    async def _stream_once(self, body: bytes) -> AsyncIterator[dict[str, Any]]:
+    async def _stream_once(self, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         loop = asyncio.get_running_loop()
         response: aiohttp.ClientResponse | None = None
         finished = False
@@ -322,15 +328,14 @@ class TgiClient:
             except aiohttp.ClientError as exc:
                 raise _Retryable(f"{type(exc).__name__}: {exc}", UNREACHABLE_MESSAGE) from exc
             except TimeoutError as exc:
-                raise RequestTimeout("TGI sent no response headers", user_message=self._stall_message()) from exc
+                raise RequestTimeout(self._stall_message(), detail="TGI sent no response headers") from exc
             await self._raise_for(response)
             parser = SseParser()
             stall_at = loop.time() + self.stall_s
             while True:
                 left = stall_at - loop.time()
                 if left <= 0:
-                    raise RequestTimeout(f"no event from TGI for {self.stall_s:g}s",
-                                         user_message=self._stall_message())
+                    raise RequestTimeout(self._stall_message(), detail=f"no event from TGI for {self.stall_s:g}s")
                 try:
                     chunk = await asyncio.wait_for(response.content.readany(), left)
                 except TimeoutError:
@@ -367,10 +372,10 @@ def _parse_event(data: str) -> dict[str, Any]:
     try:
         event = json.loads(data)
     except ValueError as exc:
-        raise GenerationFailed(f"TGI sent an event that is not JSON ({len(data)} chars)",
-                               user_message=FAILED_MESSAGE) from exc
+        raise GenerationFailed(FAILED_MESSAGE,
+                               detail=f"TGI sent an event that is not JSON ({len(data)} chars)") from exc
     if not isinstance(event, dict):
-        raise GenerationFailed("TGI sent an event that is not an object", user_message=FAILED_MESSAGE)
+        raise GenerationFailed(FAILED_MESSAGE, detail="TGI sent an event that is not an object")
     return event
 
 
