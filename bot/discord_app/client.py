@@ -35,6 +35,7 @@ from discord.ext import commands
 
 from bot.discord_app.attachments import images_from_message
 from bot.discord_app.cogs import EXTENSIONS
+from bot.discord_app.gateway_guard import guard_parsers
 from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
 from bot.discord_app.replies import MessageReplySink, send_notice
@@ -76,6 +77,7 @@ class IdeficsBot(commands.Bot):
         # Model output must never ping: the default for every message, on top of each send's own.
         kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(**kwargs)
+        guard_parsers(self)  # a malformed gateway event is logged and dropped, not the end of the connection
         self.services = services
         settings = services.settings
         self.limiter = UserLimiter(settings.user_max_inflight, settings.user_max_per_minute)

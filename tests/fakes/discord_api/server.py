@@ -641,6 +641,16 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_UPDATE", record.payload)
         return record
 
+    async def dispatch_partial_message_update(self, message: MessageRecord | int) -> dict[str, Any]:
+        """MESSAGE_UPDATE carrying only ``id`` and ``channel_id``, as older gateway versions sent it when Discord
+        only added an embed (docs/events/gateway-events.mdx, "Message Update": "unlike creates, message updates
+        may contain only a subset of the full message object payload"). Returns the payload sent."""
+        record = self.messages[message if isinstance(message, int) else message.id]
+        data = {"id": str(record.id), "channel_id": str(record.channel_id)}
+        await self.dispatch("MESSAGE_UPDATE", data, guild_id=record.payload.get("guild_id") and
+                            int(record.payload["guild_id"]))
+        return data
+
     async def dispatch_message_delete(self, message: MessageRecord | int) -> None:
         record = self.messages[message if isinstance(message, int) else message.id]
         record.deleted = True
