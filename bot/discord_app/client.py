@@ -35,6 +35,7 @@ from discord.ext import commands
 
 from bot.discord_app.attachments import images_from_message
 from bot.discord_app.cogs import EXTENSIONS
+from bot.discord_app.command_errors import IdeficsCommandTree
 from bot.discord_app.gateway_guard import guard_parsers
 from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
@@ -74,6 +75,8 @@ class IdeficsBot(commands.Bot):
         # does not hand messages to discord.py's command processing either).
         kwargs.setdefault("command_prefix", ())
         kwargs.setdefault("help_command", None)
+        # Every failed interaction gets one short answer and one log line (`bot.discord_app.command_errors`).
+        kwargs.setdefault("tree_cls", IdeficsCommandTree)
         # Model output must never ping: the default for every message, on top of each send's own.
         kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(**kwargs)
