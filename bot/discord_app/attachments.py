@@ -44,6 +44,13 @@ def _looks_like_image(attachment: discord.Attachment) -> bool:
     return not kind or kind.startswith("image/")
 
 
+def sent_as_spoiler(message: discord.Message) -> bool:
+    """Whether an attachment of `message` (or of the message it forwards) was sent as a spoiler: a `SPOILER_`
+    file name or the IS_SPOILER attachment flag (`discord.Attachment.is_spoiler` reads both)."""
+    attachments = [*message.attachments, *(a for s in message.message_snapshots for a in s.attachments)]
+    return any(a.is_spoiler() for a in attachments)
+
+
 def embed_image_urls(message: discord.Message) -> list[str]:
     """Image URLs of the embeds Discord unfurled from links (the image, else the thumbnail)."""
     urls: list[str] = []

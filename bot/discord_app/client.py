@@ -33,7 +33,7 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from bot.discord_app.attachments import images_from_message
+from bot.discord_app.attachments import images_from_message, sent_as_spoiler
 from bot.discord_app.cogs import EXTENSIONS
 from bot.discord_app.command_errors import IdeficsCommandTree
 from bot.discord_app.gateway_guard import guard_parsers
@@ -301,7 +301,9 @@ class IdeficsBot(commands.Bot):
     async def _answer(self, message: discord.Message, stored: StoredMessage,
                       slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False) -> None:
         with slot if slot is not None else contextlib.nullcontext():
-            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s)
+            # An answer about a hidden picture would give it away: it is hidden too.
+            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s,
+                                                spoiler=sent_as_spoiler(message))
             try:
                 async with sink:
                     await self.services.conversation.respond(stored, sink)

@@ -48,9 +48,15 @@ DM = 1
 PUBLIC_THREAD = 11
 PRIVATE_THREAD = 12
 
-# Message flags
+# Message flags (docs/resources/message.mdx, "Message Flags")
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
+HAS_SNAPSHOT = 1 << 14
+"""This message is a forward: its content is in `message_snapshots`."""
+
+# Attachment flags (docs/resources/message.mdx, "Attachment Flags")
+ATTACHMENT_IS_SPOILER = 1 << 3
+"""This attachment was marked as a spoiler and is blurred until clicked."""
 
 
 class SnowflakeGenerator:

@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .models import (
+    ATTACHMENT_IS_SPOILER,
     DEFAULT_EVERYONE_PERMISSIONS,
     DM,
     EPHEMERAL,
@@ -372,8 +373,13 @@ class FakeDiscord:
         width: int | None = None,
         height: int | None = None,
         description: str | None = None,
+        spoiler: bool = False,
     ) -> dict[str, Any]:
-        """Register bytes served at ``/attachments/{id}/{filename}``; returns the attachment payload."""
+        """Register bytes served at ``/attachments/{id}/{filename}``; returns the attachment payload.
+
+        ``spoiler`` sets the IS_SPOILER attachment flag (docs/resources/message.mdx, "Attachment Flags":
+        ``1 << 3``, "this attachment was marked as a spoiler and is blurred until clicked"); a file uploaded
+        with a ``SPOILER_`` name prefix is a spoiler too, whatever its flags."""
         content_type = content_type or mimetypes.guess_type(filename)[0]
         att_id = self.snowflake()
         self._attachment_data[att_id] = UploadedFile("attachment", filename, content_type, data)
@@ -388,7 +394,7 @@ class FakeDiscord:
             "width": width,
             "height": height,
             "ephemeral": False,
-            "flags": 0,
+            "flags": ATTACHMENT_IS_SPOILER if spoiler else 0,
         }
         if description is not None:
             payload["description"] = description

@@ -1,0 +1,49 @@
+"""Messages as Discord really sends them, beyond plain text: spoiler images, forwards, forum posts.
+
+Each payload is shaped as discord/discord-api-docs gives it (docs/resources/message.mdx, docs/resources/channel.mdx,
+docs/events/gateway-events.mdx); the fake Discord's builders cite the section they follow.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.bot.discord_app.conftest import RunningBot, add_image_attachment, answer_to, png_bytes
+
+
+def hidden(content: str) -> bool:
+    return content.startswith("||") and content.endswith("||") and "||" not in content[2:-2]
+
+
+@pytest.mark.parametrize("how", ["SPOILER_ name", "IS_SPOILER flag", "not a spoiler"])
+async def test_an_answer_about_a_spoiler_image_is_hidden(running_bot: RunningBot, how: str) -> None:
+    fake, world = running_bot.fake, running_bot.world
+    if how == "SPOILER_ name":  # as a client uploads it: the name carries the mark (the flag too, nowadays)
+        image = fake.add_attachment(png_bytes(5), "SPOILER_photo.png", "image/png", width=40, height=30)
+    else:
+        image = fake.add_attachment(png_bytes(5), "photo.png", "image/png", width=40, height=30,
+                                    spoiler=how == "IS_SPOILER flag")
+    asked = await fake.send_message_as(world.member, world.general, "what happens here?", attachments=[image],
+                                       mentions_bot=True)
+    answer = await answer_to(running_bot, world.general, asked)
+    shown = [answer.content, *(e["content"] for e in fake.edits_of(answer) if not e["content"].startswith("⏳"))]
+    created = [r.json["content"] for r in fake.requests_to("POST", f"/channels/{world.general.id}/messages")]
+    shown += [c for c in created if not c.startswith("⏳")]
+    if how == "not a spoiler":
+        assert not any(c.startswith("||") for c in shown)
+        return
+    assert shown and all(hidden(c) for c in shown), shown
+    stored = await running_bot.store.get_message(str(answer.id))
+    assert stored.text == answer.content[2:-2].replace("\u200b", "")  # the model's own words, without the tags
+    assert not stored.text.startswith("||")
+
+
+async def test_a_later_question_without_a_spoiler_is_answered_openly(running_bot: RunningBot) -> None:
+    fake, world = running_bot.fake, running_bot.world
+    image = fake.add_attachment(png_bytes(5), "photo.png", "image/png", width=40, height=30, spoiler=True)
+    first = await fake.send_message_as(world.member, world.general, "look", attachments=[image], mentions_bot=True)
+    assert hidden((await answer_to(running_bot, world.general, first)).content)
+    plain = add_image_attachment(fake, seed=6)
+    second = await fake.send_message_as(world.member, world.general, "and this?", attachments=[plain],
+                                        mentions_bot=True)
+    assert not (await answer_to(running_bot, world.general, second)).content.startswith("||")
