@@ -242,7 +242,8 @@ class IdeficsBot(commands.Bot):
         images, errors = await images_from_message(message, services.fetcher, services.settings.image_limits())
         if previous is not None:
             await asyncio.wait({previous})
-        if isinstance(message.channel, discord.Thread):
+        # A forum post is its thread's starter and its first message at once (same id): stored once, as itself.
+        if isinstance(message.channel, discord.Thread) and message.id != message.channel.id:
             await self._ensure_thread_starter(message.channel)
         if decision.answer and self._draining and not errors:
             await self._record_for_later(message, images)
@@ -349,18 +350,27 @@ class IdeficsBot(commands.Bot):
         return stored is not None and stored.role == "assistant"
 
     async def _ensure_thread_starter(self, thread: discord.Thread) -> None:
-        """Put the thread's starter message at the head of its history, once (it is the thread's topic)."""
+        """Put the thread's starter message at the head of its history, once (it is the thread's topic).
+
+        A thread started from a message of a text channel: that message lives in the parent channel, and its copy
+        here is stored under `<id>:starter`. A forum (or media) post: the thread's first message lives in the
+        thread itself, with the thread's id; it is this history's own first message, stored under its own id,
+        once (it arrives as an ordinary message too, which `_ingest_one` does not send here).
+        """
         if thread.id in self._starters_checked:
             return
         self._starters_checked.add(thread.id)
         store = self.services.conversation.store
-        platform_id = starter_platform_id(thread.id)
+        starter = thread.starter_message
+        in_thread = (starter.channel.id == thread.id if starter is not None
+                     else isinstance(thread.parent, discord.ForumChannel))
+        platform_id = str(thread.id) if in_thread else starter_platform_id(thread.id)
         if await store.get_message(platform_id) is not None:
             return
-        starter = thread.starter_message
-        if starter is None and thread.parent is not None:
+        source = thread if in_thread else thread.parent
+        if starter is None and source is not None:
             try:
-                starter = await thread.parent.fetch_message(thread.id)  # type: ignore[union-attr]
+                starter = await source.fetch_message(thread.id)  # type: ignore[union-attr]
             except discord.HTTPException as exc:  # a thread without a starter, or it was deleted
                 log.info("thread %s: no starter message (HTTP %s)", thread.id, exc.status)
                 return

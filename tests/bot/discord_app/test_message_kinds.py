@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bot.discord_app.conftest import RunningBot, add_image_attachment, answer_to, png_bytes
+from tests.bot.discord_app.conftest import RunningBot, add_image_attachment, answer_to, png_bytes, spy_prompts
 
 
 def hidden(content: str) -> bool:
@@ -47,3 +47,41 @@ async def test_a_later_question_without_a_spoiler_is_answered_openly(running_bot
     second = await fake.send_message_as(world.member, world.general, "and this?", attachments=[plain],
                                         mentions_bot=True)
     assert not (await answer_to(running_bot, world.general, second)).content.startswith("||")
+
+
+# -- forum posts -------------------------------------------------------------------------------------------------
+async def test_a_forum_post_is_stored_and_shown_once(running_bot: RunningBot) -> None:
+    fake, world = running_bot.fake, running_bot.world
+    prompts = spy_prompts(running_bot.services)
+    forum = fake.add_forum_channel(world.guild, "help")
+    await fake.dispatch("CHANNEL_CREATE", forum.to_payload())
+    post_text = "my sourdough will not rise, ideas?"
+    thread, post = await fake.post_in_forum(world.member, forum, "Sourdough", post_text, mentions_bot=True)
+    assert post.id == thread.id  # what makes a forum post both the thread's starter and its first message
+    first = await answer_to(running_bot, thread, post)
+    window = await running_bot.store.recent_window(str(thread.id), 10)
+    assert [(m.platform_id, m.role) for m in window] == [(str(post.id), "user"), (str(first.id), "assistant")]
+    # A follow-up in the post: the post is still there once, and the model reads it once.
+    again = await fake.send_message_as(world.member, thread, "what about the flour?", mentions_bot=True)
+    second = await answer_to(running_bot, thread, again)
+    window = await running_bot.store.recent_window(str(thread.id), 10)
+    assert [m.platform_id for m in window] == [str(post.id), str(first.id), str(again.id), str(second.id)]
+    assert len(prompts) == 2
+    for prompt in prompts:
+        assert sum(item.count(post_text) for item in prompt.items if isinstance(item, str)) == 1
+    assert await running_bot.store.count_messages(str(forum.id)) == 0
+
+
+async def test_a_forum_post_the_bot_did_not_record_becomes_the_head_of_its_history(
+        running_bot: RunningBot) -> None:
+    fake, world = running_bot.fake, running_bot.world
+    forum = fake.add_forum_channel(world.guild, "help")
+    await fake.dispatch("CHANNEL_CREATE", forum.to_payload())
+    # Posted while the bot was away: it learns of the thread from its first message after that.
+    thread, post = await fake.post_in_forum(world.member, forum, "Bikes", "which tyre pressure?", dispatch=False)
+    await fake.dispatch_thread_create(thread)
+    asked = await fake.send_message_as(world.member, thread, "any idea?", mentions_bot=True)
+    await answer_to(running_bot, thread, asked)
+    window = await running_bot.store.recent_window(str(thread.id), 10)
+    assert [m.platform_id for m in window][:2] == [str(post.id), str(asked.id)]
+    assert window[0].text == "which tyre pressure?"

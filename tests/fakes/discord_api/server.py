@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .models import (
+    GUILD_FORUM,
     ATTACHMENT_IS_SPOILER,
     DEFAULT_EVERYONE_PERMISSIONS,
     DM,
@@ -354,6 +355,44 @@ class FakeDiscord:
         parent.guild.threads.append(thread)
         self.channels[thread.id] = thread
         return thread
+
+    def add_forum_channel(self, guild: FakeGuild, name: str, *, topic: str | None = None) -> FakeChannel:
+        """A GUILD_FORUM channel (type 15, docs/resources/channel.mdx "Channel Types"): it holds only threads,
+        its posts."""
+        channel = FakeChannel(self.snowflake(), GUILD_FORUM, name, guild, position=len(guild.channels), topic=topic)
+        guild.channels.append(channel)
+        self.channels[channel.id] = channel
+        return channel
+
+    async def post_in_forum(
+        self,
+        author: FakeUser | FakeMember,
+        forum: FakeChannel,
+        title: str,
+        content: str = "",
+        *,
+        attachments: Iterable[dict[str, Any]] = (),
+        mentions_bot: bool = False,
+        dispatch: bool = True,
+    ) -> tuple[FakeChannel, MessageRecord]:
+        """A user's forum post, as Discord makes one (docs/resources/channel.mdx, "Start Thread in Forum or Media
+        Channel": "a message is created that has the same ID as the thread"): a public thread under ``forum``
+        whose first message lives in the thread itself, with the thread's id. Dispatches THREAD_CREATE, then that
+        message's MESSAGE_CREATE (docs/events/gateway-events.mdx, "Thread Create", "Message Create"); with
+        ``dispatch=False`` neither (a post made while the bot was away)."""
+        assert forum.type == GUILD_FORUM and forum.guild is not None
+        user = _user_of(author)
+        thread_id = self.snowflake()
+        thread = FakeChannel(thread_id, PUBLIC_THREAD, title, forum.guild, parent_id=forum.id, owner_id=user.id)
+        forum.guild.threads.append(thread)
+        self.channels[thread_id] = thread
+        forum.last_message_id = thread_id  # a forum's last_message_id is its newest post's (thread's) id
+        payload = self.message_payload(thread, author, content, attachments, mentions_bot, message_id=thread_id)
+        record = self._store(MessageRecord(payload, kind="user"))
+        if dispatch:
+            await self.dispatch_thread_create(thread)
+            await self.dispatch("MESSAGE_CREATE", payload)
+        return thread, record
 
     def add_dm(self, user: FakeUser | FakeMember) -> FakeChannel:
         user = _user_of(user)
