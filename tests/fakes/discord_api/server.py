@@ -23,11 +23,11 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .models import (
-    GUILD_FORUM,
     ATTACHMENT_IS_SPOILER,
     DEFAULT_EVERYONE_PERMISSIONS,
     DM,
     EPHEMERAL,
+    GUILD_FORUM,
     GUILD_TEXT,
     LOADING,
     MANAGE_CHANNELS,
