@@ -36,6 +36,7 @@ from discord.ext import commands
 from bot.discord_app.attachments import images_from_message, sent_as_spoiler
 from bot.discord_app.cogs import EXTENSIONS
 from bot.discord_app.command_errors import IdeficsCommandTree
+from bot.discord_app.forwards import is_forward
 from bot.discord_app.gateway_guard import guard_parsers
 from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
@@ -336,12 +337,13 @@ class IdeficsBot(commands.Bot):
             mentions_bot=self.user.id in message.raw_mentions,
             replies_to_bot=await self._replies_to_bot(message),
             is_system=message.type not in _PERSON_TYPES,
+            is_forward=is_forward(message),
         )
 
     async def _replies_to_bot(self, message: discord.Message) -> bool:
         reference = message.reference
-        if reference is None or reference.message_id is None or self.user is None:
-            return False
+        if reference is None or reference.message_id is None or self.user is None or is_forward(message):
+            return False  # a forward points at the message it copies: forwarding the bot's answer is no reply
         resolved = reference.resolved
         if isinstance(resolved, discord.Message):
             return resolved.author.id == self.user.id

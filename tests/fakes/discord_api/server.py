@@ -29,6 +29,7 @@ from .models import (
     EPHEMERAL,
     GUILD_FORUM,
     GUILD_TEXT,
+    HAS_SNAPSHOT,
     LOADING,
     MANAGE_CHANNELS,
     MANAGE_MESSAGES,
@@ -675,6 +676,36 @@ class FakeDiscord:
     ) -> MessageRecord:
         """Store a message from ``user`` and dispatch MESSAGE_CREATE for it."""
         payload = self.message_payload(channel, user, content, attachments, mentions_bot, reference, embeds)
+        record = self._store(MessageRecord(payload, kind="user"))
+        await self.dispatch("MESSAGE_CREATE", payload)
+        return record
+
+    async def forward_message(
+        self,
+        user: FakeUser | FakeMember,
+        original: MessageRecord,
+        channel: FakeChannel,
+    ) -> MessageRecord:
+        """``user`` forwards ``original`` into ``channel``, as Discord sends a forward (docs/resources/message.mdx,
+        "Message Reference Types", "Forwards", "Message Snapshot Object"): a DEFAULT-type message with empty
+        content and no attachments of its own, flag HAS_SNAPSHOT, a ``message_reference`` of type 1 (FORWARD)
+        pointing at the original (no ``referenced_message``: that field goes with replies), and one
+        ``message_snapshots`` entry holding a copy of the original's ``type``, ``content``, ``embeds``,
+        ``attachments``, ``timestamp``, ``edited_timestamp``, ``flags``, ``mentions`` and ``mention_roles``
+        (never its author). Stored and dispatched as MESSAGE_CREATE."""
+        payload = self.message_payload(channel, user, "", flags=HAS_SNAPSHOT)
+        source = original.payload
+        reference = {"type": 1, "message_id": source["id"], "channel_id": source["channel_id"]}
+        if source.get("guild_id"):
+            reference["guild_id"] = source["guild_id"]
+        payload["message_reference"] = reference
+        fields = ("type", "content", "embeds", "attachments", "timestamp", "edited_timestamp", "flags", "mentions",
+                  "mention_roles")
+        payload["message_snapshots"] = [{"message": {k: copy.deepcopy(source.get(k)) for k in fields}}]
+        snapshot = payload["message_snapshots"][0]["message"]
+        snapshot["flags"] = snapshot["flags"] or 0
+        snapshot["mentions"] = snapshot["mentions"] or []
+        snapshot["mention_roles"] = snapshot["mention_roles"] or []
         record = self._store(MessageRecord(payload, kind="user"))
         await self.dispatch("MESSAGE_CREATE", payload)
         return record
