@@ -79,11 +79,15 @@ def redact_url_tokens(text: str) -> str:
 
 
 def _may_hold_url(record: logging.LogRecord) -> bool:
+    """Whether the record's message, arguments or exception mention an interaction or webhook URL."""
     args = record.args if isinstance(record.args, tuple) else (record.args,) if record.args else ()
-    pieces = [str(record.msg), *(str(a) for a in args)]
-    if record.exc_info or record.exc_text:
-        pieces.append(str(record.exc_info[1]) if record.exc_info else "")
-        pieces.append(record.exc_text or "")
+    try:
+        pieces = [str(record.msg), *(str(a) for a in args)]
+        if record.exc_info:
+            pieces.append(str(record.exc_info[1]))
+    except Exception:  # an argument that cannot be shown: the handler's own formatting reports it
+        return False
+    pieces.append(record.exc_text or "")
     return any(m in p for p in pieces for m in _URL_MARKS)
 
 
