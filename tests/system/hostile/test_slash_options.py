@@ -150,8 +150,9 @@ async def test_settings_refuse_an_answer_length_the_model_cannot_fit(running_bot
         payload = fake.slash_command_payload("settings", options, channel=world.general, member=world.moderator)
         return check(await run_interaction(running_bot, payload))
 
-    # The tiny model reads 2048 tokens: a system prompt of about 1300 leaves no room for 1024 new ones.
-    long_prompt = "please answer like a pirate. " * 95
+    # The tiny model reads 2048 tokens: a system prompt of about 1300 leaves no room for 1024 new ones
+    # (LLaMA gives every digit a token of its own).
+    long_prompt = "answer with these digits: " + "0123456789" * 130
     refused = await settings({"system_prompt": long_prompt, "max_new_tokens": 1024})
     assert refused.startswith("max_new_tokens 1024 does not fit") and str(max_positions) in refused
     assert len(refused) < 200
@@ -160,7 +161,7 @@ async def test_settings_refuse_an_answer_length_the_model_cannot_fit(running_bot
     # Each alone fits; then the other one no longer does.
     assert (await settings({"max_new_tokens": 1024})).startswith("Changed")
     assert "does not fit" in await settings({"system_prompt": long_prompt})
-    assert (await settings({"max_new_tokens": 200})).startswith("Changed")
+    assert (await settings({"max_new_tokens": 24})).startswith("Changed")
     assert (await settings({"system_prompt": long_prompt})).startswith("Changed")
     asked = await fake.send_message_as(world.member, world.general, "ahoy?", mentions_bot=True)
     answer = await answer_to(running_bot, world.general, asked)
