@@ -51,6 +51,9 @@ FAILED_MESSAGE = "the model server failed on this request, please try again"
 CUT_MESSAGE = "the connection to the model server was lost mid-answer, please ask again"
 TOO_LONG_MESSAGE = "this conversation is too long for the model server; send a shorter message or /reset"
 INVALID_MESSAGE = "the model server rejected this request as invalid"
+TOO_LARGE_MESSAGE = "this request is too large for the model server; try fewer or smaller images"
+TOO_LONG_ERRORS = ("`inputs` must have less than", "`inputs` tokens + `max_new_tokens` must be <=")
+"""The starts of TGI's two length refusals (`router/src/validation.rs`, `InputLength`, `MaxTotalTokens`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,21 +154,30 @@ def _retry_after(headers: Any) -> float | None:
 
 
 async def _error_of(response: aiohttp.ClientResponse) -> tuple[str, str]:
-    """TGI's `{"error", "error_type"}` body, or the status text when the body is something else."""
+    """TGI's `{"error", "error_type"}` body; else the body's own text (axum answers a body over the payload limit,
+    or one its JSON extractor rejects, in plain text: 413 "Failed to buffer the request body: length limit
+    exceeded", 422 "Failed to deserialize the JSON body ..."), else the status text."""
     try:
-        body = await response.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
+        raw = await response.read()
+    except aiohttp.ClientError:
         return response.reason or "", ""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:300] or response.reason or "", ""
     if isinstance(body, dict):
         return str(body.get("error", "")), str(body.get("error_type", ""))
-    return "", ""
+    return text[:300], ""
 
 
 def _rejection(status: int, error: str, error_type: str) -> Exception:
     """The exception for a final, non-retryable HTTP status or error event."""
     detail = f"TGI {status} {error_type}: {error}"[:500]
+    if status == 413:  # the body is over TGI's `--payload-limit`: the same request would fail again
+        return RequestRejected(TOO_LARGE_MESSAGE, detail=detail)
     if status == 422 or error_type == "validation":
-        too_long = "token" in error.lower() or "length" in error.lower()
+        too_long = any(marker in error for marker in TOO_LONG_ERRORS)
         return RequestRejected(TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE, detail=detail)
     if status in RETRYABLE_STATUS or error_type == "overloaded":
         return ServerUnavailable(OVERLOADED_MESSAGE, detail=detail)
@@ -286,6 +298,21 @@ class TgiClient:
             return result
 
         return await self._with_retries("generate", attempt)
+
+    async def tokenize(self, text: str, timeout_s: float = 10.0) -> int:
+        """How many tokens TGI's `POST /tokenize` finds in `text` (BOS included); not retried."""
+        body = json.dumps({"inputs": text, "add_special_tokens": True}).encode("utf-8")
+        try:
+            async with self.session.post(self.base_url + "/tokenize", data=body,
+                                         headers={"Content-Type": "application/json"},
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                await self._raise_for(response)
+                tokens = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError, _Retryable) as exc:
+            raise GenerationFailed(FAILED_MESSAGE, detail=f"TGI /tokenize: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(tokens, list):
+            raise GenerationFailed(FAILED_MESSAGE, detail="TGI /tokenize answered something other than a list")
+        return len(tokens)
 
     async def stream(self, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         """`POST /generate_stream`: each event's JSON object, in order, until the stream ends.

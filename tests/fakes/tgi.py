@@ -158,6 +158,7 @@ class FakeTgi:
 
     # -- server ----------------------------------------------------------------------------------
     async def start(self) -> FakeTgi:
+        await asyncio.to_thread(tgi_shard.tokenizer)  # loaded before the first request, not during it
         app = web.Application(client_max_size=16 * PAYLOAD_LIMIT)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
