@@ -8,7 +8,10 @@ What a request does (see `render` for the body, `client` for the wire and the re
 
 - generate: `POST /generate_stream`, read by `stream.read_answer` (deltas, finish reasons).
 - beam: TGI has no beam search; it runs greedy (logged once).
-- rank: one `POST /generate` per category (`ranking.Ranker`).
+- rank: one `POST /generate` per category, after two for the prompt alone (`ranking.Ranker`: TGI's IDEFICS
+  shard shifts prompt log-probabilities in a padded batch, so every answer is aligned first).
+- prompt tokens: TGI's `input_length` counts an image as one token; the shard builds three
+  (`render.shard_token_surplus`), and that is what is reported.
 
 Deadlines: past its deadline a request that already streamed text ends with TIMEOUT and that text (as on the
 local engine); one that streamed nothing raises `RequestTimeout`. Cancelling a running request closes its

@@ -5,7 +5,10 @@ This module knows TGI's wire formats and its failure modes, nothing about prompt
 - `POST /generate` and `POST /generate_stream` take `{"inputs": str, "parameters": {...}}`; the stream is
   server-sent events, one JSON object per `data:` field, `{"token": {...}, "generated_text": ..., "details": ...}`.
 - Errors are JSON `{"error": str, "error_type": str}` with 422 (validation), 424 (generation), 429
-  (overloaded), 503 (not ready); an error can also arrive as an event in the middle of a stream.
+  (overloaded), 503 (not ready); an error can also arrive as an event in the middle of a stream. Requests
+  refused before TGI's handlers run get axum's plain-text body instead: 413 for a body over `--payload-limit`
+  (final: the same body would be refused again), 400/415/422 for a body its JSON extractor rejects; the text is
+  kept for the log.
 
 Retries: a connection error, 429 or 503 is retried with exponential backoff (a `Retry-After` header is
 honoured), at most `max_retries` times, and only while nothing has been handed to the caller: once a
@@ -34,6 +37,7 @@ from model_server.errors import (
     ServerUnavailable,
     StreamBroken,
 )
+from model_server.tgi.sse import SseParser
 
 log = logging.getLogger(__name__)
 
@@ -54,64 +58,6 @@ INVALID_MESSAGE = "the model server rejected this request as invalid"
 TOO_LARGE_MESSAGE = "this request is too large for the model server; try fewer or smaller images"
 TOO_LONG_ERRORS = ("`inputs` must have less than", "`inputs` tokens + `max_new_tokens` must be <=")
 """The starts of TGI's two length refusals (`router/src/validation.rs`, `InputLength`, `MaxTotalTokens`)."""
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Server-sent events
-
-
-class SseParser:
-    """Incremental parser for `text/event-stream` (the WHATWG rules TGI's axum server writes to).
-
-    Feed it raw chunks as they arrive; it returns the `data` of each completed event. Lines may be split
-    anywhere across chunks (bytes are decoded only per complete line, so a UTF-8 character split between
-    chunks is whole again); `\\r\\n`, `\\r` and `\\n` end lines; a blank line ends an event; several `data:`
-    lines of one event are joined with `\\n`; lines starting with `:` are comments (keep-alives); other
-    fields (`event:`, `id:`, `retry:`) are ignored. An event left without its blank line when the stream
-    ends is discarded, as the spec says.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self.comments = 0
-        """Comment lines seen (TGI's keep-alives); they do not count as progress."""
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._buffer += chunk
-        events: list[str] = []
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                return events
-            end, skip = cut
-            raw, self._buffer = self._buffer[:end], self._buffer[end + skip:]
-            line = raw.decode("utf-8", errors="replace")
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                self.comments += 1
-                continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data":
-                self._data.append(value)
-
-
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """(index, length) of the first line ending in `buffer`; a lone trailing `\\r` waits for more bytes."""
-    for i, byte in enumerate(buffer):
-        if byte == 0x0A:
-            return i, 1
-        if byte == 0x0D:
-            if i + 1 == len(buffer):
-                return None  # maybe the first half of "\r\n"
-            return i, 2 if buffer[i + 1] == 0x0A else 1
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

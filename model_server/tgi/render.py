@@ -11,6 +11,10 @@ Markdown image syntax in the *text* would make TGI fetch that URL (or decode tha
 is defused first: every `![](` gets a zero-width space after its `!`, the way `neutralize` breaks special
 tokens. Only our own images remain markdown.
 
+TGI's IDEFICS shard hands the text between two images to transformers' `IdeficsProcessor` as one item, which
+brings two more rules (see `LEADING_TEXT` and `defuse_url`): the text sent begins with text, and no stretch
+between images may look like a bare URL (the processor would fetch it from the TGI machine).
+
 Images are re-encoded as JPEG and scaled down: IDEFICS looks at 224x224 pixels, so a large photo carries
 nothing the model sees, and TGI refuses request bodies over its `--payload-limit` (2,000,000 bytes by
 default). When several images still push a body past the limit, all of them shrink further until it fits.
