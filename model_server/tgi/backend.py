@@ -8,7 +8,10 @@ What a request does (see `render` for the body, `client` for the wire and the re
 
 - generate: `POST /generate_stream`, read by `stream.read_answer` (deltas, finish reasons).
 - beam: TGI has no beam search; it runs greedy (logged once).
-- rank: one `POST /generate` per category (`ranking.Ranker`).
+- rank: one `POST /generate` per category, after two for the prompt alone (`ranking.Ranker`: TGI's IDEFICS
+  shard shifts prompt log-probabilities in a padded batch, so every answer is aligned first).
+- prompt tokens: TGI's `input_length` counts an image as one token; the shard builds three
+  (`render.shard_token_surplus`), and that is what is reported.
 
 Deadlines: past its deadline a request that already streamed text ends with TIMEOUT and that text (as on the
 local engine); one that streamed nothing raises `RequestTimeout`. Cancelling a running request closes its
@@ -54,8 +57,9 @@ from model_server.errors import (
 from model_server.prompt import estimate_tokens
 from model_server.tgi import ranking
 from model_server.tgi.client import FAILED_MESSAGE, RetryPolicy, TgiClient, closing_stream
+from model_server.tgi.counting import RemoteTokenCounter
 from model_server.tgi.info import TgiServerInfo
-from model_server.tgi.render import build_body, tgi_parameters
+from model_server.tgi.render import build_body, shard_token_surplus, tgi_parameters
 from model_server.tgi.stream import StreamProgress, read_answer
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 
@@ -200,6 +204,10 @@ class TgiExecutor:
         if not self._waiting and not self._running:
             self._idle.set()
 
+    def token_counter(self) -> Callable[[str], int]:
+        """Exact counts for the prompt renderer from TGI's `/tokenize`; call it from a worker thread."""
+        return RemoteTokenCounter(self.client, asyncio.get_running_loop())
+
     # -- what a RequestHandle asks (backend.JobOwner) --------------------------------------------
     def wait_budget(self, job: TgiJob) -> float:
         # A running request enforces its own deadline; this also ends one still queued past it.
@@ -314,7 +322,9 @@ class TgiExecutor:
         body = await self._body(job.prompt, tgi_parameters(params, max_stop_sequences=server.max_stop_sequences))
         async with closing_stream(self.client, body) as events:  # leaving the block closes the stream
             text, reason = await read_answer(events, params.stop_strings, lambda delta: self._delta(job, delta), state)
-        if not state.prompt_tokens:
+        if state.prompt_tokens:  # the router's count: make it what the shard builds
+            state.prompt_tokens += shard_token_surplus(job.prompt.items)
+        else:
             state.prompt_tokens = estimate_tokens(_text_only(job.prompt))
         self._complete(job, text, reason, state.prompt_tokens, state.completion_tokens, state.first_token_at)
 

@@ -5,7 +5,10 @@ This module knows TGI's wire formats and its failure modes, nothing about prompt
 - `POST /generate` and `POST /generate_stream` take `{"inputs": str, "parameters": {...}}`; the stream is
   server-sent events, one JSON object per `data:` field, `{"token": {...}, "generated_text": ..., "details": ...}`.
 - Errors are JSON `{"error": str, "error_type": str}` with 422 (validation), 424 (generation), 429
-  (overloaded), 503 (not ready); an error can also arrive as an event in the middle of a stream.
+  (overloaded), 503 (not ready); an error can also arrive as an event in the middle of a stream. Requests
+  refused before TGI's handlers run get axum's plain-text body instead: 413 for a body over `--payload-limit`
+  (final: the same body would be refused again), 400/415/422 for a body its JSON extractor rejects; the text is
+  kept for the log.
 
 Retries: a connection error, 429 or 503 is retried with exponential backoff (a `Retry-After` header is
 honoured), at most `max_retries` times, and only while nothing has been handed to the caller: once a
@@ -34,6 +37,7 @@ from model_server.errors import (
     ServerUnavailable,
     StreamBroken,
 )
+from model_server.tgi.sse import SseParser
 
 log = logging.getLogger(__name__)
 
@@ -51,64 +55,9 @@ FAILED_MESSAGE = "the model server failed on this request, please try again"
 CUT_MESSAGE = "the connection to the model server was lost mid-answer, please ask again"
 TOO_LONG_MESSAGE = "this conversation is too long for the model server; send a shorter message or /reset"
 INVALID_MESSAGE = "the model server rejected this request as invalid"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Server-sent events
-
-
-class SseParser:
-    """Incremental parser for `text/event-stream` (the WHATWG rules TGI's axum server writes to).
-
-    Feed it raw chunks as they arrive; it returns the `data` of each completed event. Lines may be split
-    anywhere across chunks (bytes are decoded only per complete line, so a UTF-8 character split between
-    chunks is whole again); `\\r\\n`, `\\r` and `\\n` end lines; a blank line ends an event; several `data:`
-    lines of one event are joined with `\\n`; lines starting with `:` are comments (keep-alives); other
-    fields (`event:`, `id:`, `retry:`) are ignored. An event left without its blank line when the stream
-    ends is discarded, as the spec says.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self.comments = 0
-        """Comment lines seen (TGI's keep-alives); they do not count as progress."""
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._buffer += chunk
-        events: list[str] = []
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                return events
-            end, skip = cut
-            raw, self._buffer = self._buffer[:end], self._buffer[end + skip:]
-            line = raw.decode("utf-8", errors="replace")
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                self.comments += 1
-                continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data":
-                self._data.append(value)
-
-
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """(index, length) of the first line ending in `buffer`; a lone trailing `\\r` waits for more bytes."""
-    for i, byte in enumerate(buffer):
-        if byte == 0x0A:
-            return i, 1
-        if byte == 0x0D:
-            if i + 1 == len(buffer):
-                return None  # maybe the first half of "\r\n"
-            return i, 2 if buffer[i + 1] == 0x0A else 1
-    return None
+TOO_LARGE_MESSAGE = "this request is too large for the model server; try fewer or smaller images"
+TOO_LONG_ERRORS = ("`inputs` must have less than", "`inputs` tokens + `max_new_tokens` must be <=")
+"""The starts of TGI's two length refusals (`router/src/validation.rs`, `InputLength`, `MaxTotalTokens`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,21 +100,30 @@ def _retry_after(headers: Any) -> float | None:
 
 
 async def _error_of(response: aiohttp.ClientResponse) -> tuple[str, str]:
-    """TGI's `{"error", "error_type"}` body, or the status text when the body is something else."""
+    """TGI's `{"error", "error_type"}` body; else the body's own text (axum answers a body over the payload limit,
+    or one its JSON extractor rejects, in plain text: 413 "Failed to buffer the request body: length limit
+    exceeded", 422 "Failed to deserialize the JSON body ..."), else the status text."""
     try:
-        body = await response.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
+        raw = await response.read()
+    except aiohttp.ClientError:
         return response.reason or "", ""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:300] or response.reason or "", ""
     if isinstance(body, dict):
         return str(body.get("error", "")), str(body.get("error_type", ""))
-    return "", ""
+    return text[:300], ""
 
 
 def _rejection(status: int, error: str, error_type: str) -> Exception:
     """The exception for a final, non-retryable HTTP status or error event."""
     detail = f"TGI {status} {error_type}: {error}"[:500]
+    if status == 413:  # the body is over TGI's `--payload-limit`: the same request would fail again
+        return RequestRejected(TOO_LARGE_MESSAGE, detail=detail)
     if status == 422 or error_type == "validation":
-        too_long = "token" in error.lower() or "length" in error.lower()
+        too_long = any(marker in error for marker in TOO_LONG_ERRORS)
         return RequestRejected(TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE, detail=detail)
     if status in RETRYABLE_STATUS or error_type == "overloaded":
         return ServerUnavailable(OVERLOADED_MESSAGE, detail=detail)
@@ -286,6 +244,21 @@ class TgiClient:
             return result
 
         return await self._with_retries("generate", attempt)
+
+    async def tokenize(self, text: str, timeout_s: float = 10.0) -> int:
+        """How many tokens TGI's `POST /tokenize` finds in `text` (BOS included); not retried."""
+        body = json.dumps({"inputs": text, "add_special_tokens": True}).encode("utf-8")
+        try:
+            async with self.session.post(self.base_url + "/tokenize", data=body,
+                                         headers={"Content-Type": "application/json"},
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                await self._raise_for(response)
+                tokens = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError, _Retryable) as exc:
+            raise GenerationFailed(FAILED_MESSAGE, detail=f"TGI /tokenize: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(tokens, list):
+            raise GenerationFailed(FAILED_MESSAGE, detail="TGI /tokenize answered something other than a list")
+        return len(tokens)
 
     async def stream(self, body: bytes) -> AsyncGenerator[dict[str, Any], None]:
         """`POST /generate_stream`: each event's JSON object, in order, until the stream ends.
