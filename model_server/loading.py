@@ -45,12 +45,22 @@ class LoadedModel:
     bad_words_ids: list[list[int]]
     """`<image>` and `<fake_token_around_image>`: the model must never write them."""
     max_positions: int
+    architecture: str = "idefics"
+    """The checkpoint's `model_type`: idefics (v1), idefics2, idefics3 or smolvlm (`model_server.families`)."""
+    counter: Callable[[str], int] | None = None
+    """Counts the tokens of a rendered v1 prompt text as this model reads it; None: the tokenizer's plain count."""
+    specials: tuple[str, ...] = ()
+    """This model's own special strings (its tokenizer's added tokens): never taken from untrusted text."""
+    template: Callable[[list[dict[str, object]], bool], str] | None = None
+    """The processor's chat template (messages, add_generation_prompt) -> text; None for IDEFICS v1."""
 
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
     def count_tokens(self, text: str) -> int:
+        if self.counter is not None:
+            return self.counter(text)
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -185,8 +195,11 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     """
     from transformers import IdeficsForVisionText2Text
 
+    from model_server.families.loading import architecture_of, load_family
+
     say = progress or (lambda line: log.info("%s", line))
     started = time.monotonic()
+    architecture = architecture_of(config.model)
     placement: str | dict[str, str] | None = None
     if device is None:
         device = resolve_device(config.device)
@@ -199,6 +212,9 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     dtype = resolve_dtype(config.dtype, device)
     quant = quantization_config(config.quantization, dtype, device)
 
+    if architecture != "idefics":
+        return load_family(config, architecture, device=device, dtype=dtype, placement=placement, quant=quant,
+                           say=say, started=started)
     say(f"loading processor for {config.model}")
     processor = load_processor(config.model)
     tokenizer = processor.tokenizer
@@ -241,6 +257,6 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
         max_positions=positions,
     )
     params = sum(p.numel() for p in model.parameters())
-    say(f"model ready: {params / 1e6:.1f}M parameters, {'instruct' if loaded.instruct else 'base'} checkpoint, "
+    say(f"model ready: idefics, {params / 1e6:.1f}M parameters, {'instruct' if loaded.instruct else 'base'} checkpoint, "
         f"{time.monotonic() - started:.1f}s")
     return loaded
