@@ -173,7 +173,7 @@ class LocalEngine:
         places: list[tuple[int, int, Hashable]] = []
         for r, row_images in enumerate(images):
             for k, image in enumerate(row_images):
-                key = (self.identity, image_key(image))  # another model's features never match
+                key: Hashable = (self.identity, image_key(image))  # another model's features never match
                 places.append((r, k, key))
                 if key in found or key in missing:
                     continue
@@ -187,11 +187,11 @@ class LocalEngine:
             hidden = self.model.model.vision_model(pixel_values=pixels).last_hidden_state
             if self.model.config.use_resampler:
                 hidden = self.model.model.perceiver_resampler(hidden)
-            for key, features in zip(missing, hidden, strict=True):
-                found[key] = features.clone()  # its own storage: the cache must not pin the whole batch
-                self.vision_cache.put(key, found[key])
-        for r, k, key in places:
-            out[r, k] = found[key]
+            for new_key, features in zip(missing, hidden, strict=True):
+                found[new_key] = features.clone()  # its own storage: the cache must not pin the whole batch
+                self.vision_cache.put(new_key, found[new_key])
+        for r, k, place in places:
+            out[r, k] = found[place]
         return out
 
     # -- free generation -------------------------------------------------------------------------

@@ -8,12 +8,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model_server.config import ModelConfig
 from model_server.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from model_server.families.loading import ProcessorFacts
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +50,16 @@ class LoadedModel:
     max_positions: int
     architecture: str = "idefics"
     """The checkpoint's `model_type`: idefics (v1), idefics2, idefics3 or smolvlm (`model_server.families`)."""
-    counter: Callable[[str], int] | None = None
-    """Counts the tokens of a rendered v1 prompt text as this model reads it; None: the tokenizer's plain count."""
-    specials: tuple[str, ...] = ()
-    """This model's own special strings (its tokenizer's added tokens): never taken from untrusted text."""
-    template: Callable[[list[dict[str, object]], bool], str] | None = None
-    """The processor's chat template (messages, add_generation_prompt) -> text; None for IDEFICS v1."""
+    facts: ProcessorFacts | None = None
+    """How a chat-template model renders and counts prompts; None for IDEFICS v1."""
 
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
     def count_tokens(self, text: str) -> int:
-        if self.counter is not None:
-            return self.counter(text)
+        if self.facts is not None:
+            return self.facts.counter(text)
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -257,6 +256,6 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
         max_positions=positions,
     )
     params = sum(p.numel() for p in model.parameters())
-    say(f"model ready: idefics, {params / 1e6:.1f}M parameters, {'instruct' if loaded.instruct else 'base'} checkpoint, "
-        f"{time.monotonic() - started:.1f}s")
+    kind = "instruct" if loaded.instruct else "base"
+    say(f"model ready: idefics, {params / 1e6:.1f}M parameters, {kind} checkpoint, {time.monotonic() - started:.1f}s")
     return loaded

@@ -31,7 +31,6 @@ from model_server.engine import (
     model_identity,
 )
 from model_server.errors import PromptError
-from model_server.families.render import render
 from model_server.loading import LoadedModel
 from model_server.running_batch import RowState, RunningBatch, new_cache, new_generator
 from model_server.streaming import TextAssembler, cut_at_stop
@@ -44,8 +43,9 @@ class FamilyEngine(LocalEngine):
 
     def __init__(self, loaded: LoadedModel, *, vision_cache_bytes: int = DEFAULT_VISION_CACHE_BYTES,
                  vision_cache: VisionCache | None = None) -> None:
-        if loaded.template is None:
+        if loaded.facts is None:
             raise ValueError("FamilyEngine needs a model loaded by model_server.families.loading")
+        self.facts = loaded.facts
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -60,8 +60,7 @@ class FamilyEngine(LocalEngine):
     # -- prompts to inputs -----------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
         """The text the processor reads (each image one `<image>`): also what `--show-prompt` prints."""
-        assert self.loaded.template is not None
-        return render(prompt.items, self.loaded.template, self.loaded.specials)
+        return self.facts.display(prompt)
 
     def _ids(self, text: str, images: Sequence[Image.Image]) -> list[int]:
         """The processor's token ids for `text`, each `<image>` expanded for its image."""
@@ -79,7 +78,7 @@ class FamilyEngine(LocalEngine):
         mask = pixels.get("pixel_attention_mask")
         out = self.model.model.get_image_features(
             pixel_values=values, pixel_attention_mask=None if mask is None else mask.to(self.loaded.device))
-        features = out.pooler_output[0].clone()  # its own storage: the cache must not pin the batch
+        features: torch.Tensor = out.pooler_output[0].clone()  # its own storage: the cache must not pin the batch
         self.vision_cache.put(key, features)
         return features
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,16 @@ from PIL import Image
 from model_server.config import ModelConfig
 from model_server.errors import ModelLoadError
 from model_server.families import ARCHITECTURES
-from model_server.families.render import ImageSlot, image_count, items_from_v1_text, render
+from model_server.families.render import RenderTemplate, image_count, items_from_v1_text, render
 from model_server.loading import LoadedModel, _load_error, load_processor
+from model_server.types import Prompt
 
 _GRID_TOKEN = re.compile(r"<row_\d+_col_\d+>")
 IMAGE_STRUCTURE = ("<image>", "<fake_token_around_image>", "<global-img>")
 """Tokens that only lay images out: the model must never write them (besides `<row_N_col_M>`)."""
 
 
-def architecture_of(name: str) -> str:
+def architecture_of(name: str, *, local_only: bool = False) -> str:
     """The checkpoint's `model_type` ("idefics" when it cannot be read here: the v1 loader reports why)."""
     local = Path(name) / "config.json"
     try:
@@ -38,13 +40,58 @@ def architecture_of(name: str) -> str:
         else:
             from transformers import AutoConfig
 
-            model_type = str(AutoConfig.from_pretrained(name).model_type)  # type: ignore[no-untyped-call]
+            model_type = str(AutoConfig.from_pretrained(name, local_files_only=local_only).model_type)
     except (OSError, ValueError):
         return "idefics"
     if model_type != "idefics" and model_type not in ARCHITECTURES:
         raise ModelLoadError(f"{name!r} is a {model_type} checkpoint: IDEFICS, Idefics2, Idefics3 and SmolVLM are "
                              "supported", detail=f"unsupported model_type {model_type} in {name}")
     return model_type
+
+
+@dataclass(frozen=True)
+class ProcessorFacts:
+    """What rendering and counting need from a chat-template checkpoint: its processor and config, no weights."""
+
+    architecture: str
+    instruct: bool
+    """The tokenizer knows `<end_of_utterance>`."""
+    max_positions: int
+    """The text model's context length."""
+    specials: tuple[str, ...]
+    """The tokenizer's added tokens: never taken from untrusted text."""
+    tokens_per_image: int
+    """The most tokens one image takes."""
+    template: RenderTemplate
+    counter: Callable[[str], int]
+    """Tokens of a rendered v1 prompt text (`prompt.prompt_text`) as this model reads it, images at their largest."""
+
+    def display(self, prompt: Prompt) -> str:
+        """The text the processor reads for `prompt`, each image one `<image>`."""
+        return render(prompt.items, self.template, self.specials)
+
+
+def processor_facts(name: str, architecture: str, processor: Any | None = None,
+                    model_config: Any | None = None) -> ProcessorFacts:
+    """Read from the processor and the config (loaded here unless given); raises `ModelLoadError`."""
+    if processor is None:
+        processor = load_processor(name, local_only=True)
+    if model_config is None:
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise _load_error(name, exc) from exc
+    tokenizer = processor.tokenizer
+    template = template_of(processor, name)
+    specials = special_strings(tokenizer)
+    per_image = image_token_bound(processor)
+    return ProcessorFacts(
+        architecture=architecture, instruct="<end_of_utterance>" in specials,
+        max_positions=text_positions(model_config, tokenizer), specials=specials, tokens_per_image=per_image,
+        template=template, counter=make_counter(tokenizer, template, specials, per_image),
+    )
 
 
 def special_strings(tokenizer: Any) -> tuple[str, ...]:
@@ -71,7 +118,7 @@ def text_positions(model_config: Any, tokenizer: Any) -> int:
     return positions
 
 
-def make_counter(tokenizer: Any, template: Callable[[list[dict[str, object]], bool], str],
+def make_counter(tokenizer: Any, template: RenderTemplate,
                  specials: tuple[str, ...], per_image: int) -> Callable[[str], int]:
     def count(v1_text: str) -> int:
         items = items_from_v1_text(v1_text, tokenizer.bos_token or "<s>")
@@ -82,7 +129,7 @@ def make_counter(tokenizer: Any, template: Callable[[list[dict[str, object]], bo
     return count
 
 
-def template_of(processor: Any, name: str) -> Callable[[list[dict[str, object]], bool], str]:
+def template_of(processor: Any, name: str) -> RenderTemplate:
     if not getattr(processor, "chat_template", None):
         raise ModelLoadError(f"the checkpoint {name!r} has no chat template", detail=f"{name}: no chat_template")
 
@@ -103,7 +150,6 @@ def load_family(config: ModelConfig, architecture: str, *, device: str, dtype: t
     say(f"loading processor for {config.model} ({architecture})")
     processor = load_processor(config.model)
     tokenizer = processor.tokenizer
-    template = template_of(processor, config.model)
     say(f"loading model {config.model} ({architecture}) on {device} in {str(dtype).removeprefix('torch.')}"
         + (f", {config.quantization} quantized" if quant is not None else ""))
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -122,23 +168,20 @@ def load_family(config: ModelConfig, architecture: str, *, device: str, dtype: t
         model.to("cpu")
     model.eval()
 
-    specials = special_strings(tokenizer)
+    facts = processor_facts(config.model, architecture, processor, model.config)
     ids = tokenizer.convert_tokens_to_ids
-    eou = ids("<end_of_utterance>") if "<end_of_utterance>" in specials else None
+    eou = ids("<end_of_utterance>") if facts.instruct else None
     stops = tuple(dict.fromkeys(t for t in (eou, tokenizer.eos_token_id) if t is not None))
-    banned = [s for s in specials if s in IMAGE_STRUCTURE or _GRID_TOKEN.fullmatch(s)]
-    per_image = image_token_bound(processor)
+    banned = [s for s in facts.specials if s in IMAGE_STRUCTURE or _GRID_TOKEN.fullmatch(s)]
     first_device = model.get_input_embeddings().weight.device
     loaded = LoadedModel(
         name=config.model, model=model, processor=processor, device=first_device, dtype=dtype,
-        instruct=eou is not None, stop_token_ids=stops, bad_words_ids=[[ids(s)] for s in banned],
-        max_positions=text_positions(model.config, tokenizer), architecture=architecture,
-        counter=make_counter(tokenizer, template, specials, per_image), specials=specials, template=template,
+        instruct=facts.instruct, stop_token_ids=stops, bad_words_ids=[[ids(s)] for s in banned],
+        max_positions=facts.max_positions, architecture=architecture, facts=facts,
     )
     params = sum(p.numel() for p in model.parameters())
     say(f"model ready: {architecture}, {params / 1e6:.1f}M parameters, {loaded.max_positions} positions, "
-        f"up to {per_image} tokens per image, {time.monotonic() - started:.1f}s")
+        f"up to {facts.tokens_per_image} tokens per image, {time.monotonic() - started:.1f}s")
     return loaded
 
 
-__all__ = ["ImageSlot", "architecture_of", "load_family"]

@@ -102,7 +102,6 @@ def _idefics2(path: Path) -> tuple[Any, Any]:
 
 def _idefics3(path: Path, smolvlm: bool) -> tuple[Any, Any]:
     import transformers as tf
-
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tokenizer = _byte_level_tokenizer()
