@@ -94,7 +94,7 @@ def _idefics2(path: Path) -> tuple[Any, Any]:
         text_config=_text_config(tokenizer, "mistral"), vision_config=_vision_config(),
         perceiver_config={"resampler_n_latents": latents, "resampler_depth": 1, "resampler_n_heads": 2,
                           "resampler_head_dim": 16, "num_key_value_heads": 1,
-                          "hidden_size": 64, "rms_norm_eps": 1e-6},
+                          "hidden_size": 64, "rms_norm_eps": 1e-6, "initializer_range": 0.2},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
     )
     return Idefics2ForConditionalGeneration(config), processor
