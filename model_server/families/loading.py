@@ -24,6 +24,7 @@ from model_server.errors import ModelLoadError
 from model_server.families import ARCHITECTURES
 from model_server.families.render import RenderTemplate, image_count, items_from_v1_text, render
 from model_server.loading import LoadedModel, _load_error, load_processor
+from model_server.prompt import BOS
 from model_server.types import Prompt
 
 _GRID_TOKEN = re.compile(r"<row_\d+_col_\d+>")
@@ -121,7 +122,7 @@ def text_positions(model_config: Any, tokenizer: Any) -> int:
 def make_counter(tokenizer: Any, template: RenderTemplate,
                  specials: tuple[str, ...], per_image: int) -> Callable[[str], int]:
     def count(v1_text: str) -> int:
-        items = items_from_v1_text(v1_text, tokenizer.bos_token or "<s>")
+        items = items_from_v1_text(v1_text, BOS)  # `prompt_text`'s default BOS, whatever this model's is
         text = render(items, template, specials)
         tokens = len(tokenizer(text).input_ids)  # with the BOS the processor adds
         return tokens + image_count(items) * (per_image - 1)
