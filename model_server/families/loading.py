@@ -100,15 +100,32 @@ def special_strings(tokenizer: Any) -> tuple[str, ...]:
     return tuple(sorted({str(t.content) for t in tokenizer.added_tokens_decoder.values() if t.content}))
 
 
+def _size_field(size: Any, name: str) -> int | None:
+    """A field of an image processor's size (a dict, or transformers 5's `SizeDict`)."""
+    value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+    return int(value) if value else None
+
+
 def image_token_bound(processor: Any) -> int:
     """The most tokens one image takes in the prompt (a square at the largest size the image processor keeps)."""
-    size = getattr(processor.image_processor, "size", None) or {}
-    edge = int(size.get("longest_edge") or size.get("height") or 512) if isinstance(size, dict) else 512
+    size = getattr(processor.image_processor, "size", None)
+    edge = _size_field(size, "longest_edge") or _size_field(size, "height") or 2048
     image = Image.new("RGB", (edge, edge))
     with_image = processor(text=["<image>a"], images=[[image]]).input_ids[0]
     without = processor(text=["a"]).input_ids[0]
     # One more per image for whatever a neighbouring word gains or loses at the image's edges.
     return len(with_image) - len(without) + 1
+
+
+def limit_image_size(processor: Any, longest_edge: int) -> None:
+    """Idefics3/SmolVLM: resize pictures to at most `longest_edge` before tiling (0: leave the checkpoint's)."""
+    image_processor = processor.image_processor
+    tile = _size_field(getattr(image_processor, "max_image_size", None), "longest_edge")
+    if not longest_edge or tile is None or _size_field(image_processor.size, "longest_edge") is None:
+        return  # Idefics2 has no tiles: its size is a resize range
+    # Tiles are whole: a multiple of the tile size, at least one.
+    image_processor.size = type(image_processor.size)(longest_edge=max(tile, longest_edge // tile * tile)) \
+        if not isinstance(image_processor.size, dict) else {"longest_edge": max(tile, longest_edge // tile * tile)}
 
 
 def text_positions(model_config: Any, tokenizer: Any) -> int:
@@ -151,6 +168,7 @@ def load_family(config: ModelConfig, architecture: str, *, device: str, dtype: t
     say(f"loading processor for {config.model} ({architecture})")
     processor = load_processor(config.model)
     tokenizer = processor.tokenizer
+    limit_image_size(processor, config.image_longest_edge)
     say(f"loading model {config.model} ({architecture}) on {device} in {str(dtype).removeprefix('torch.')}"
         + (f", {config.quantization} quantized" if quant is not None else ""))
     kwargs: dict[str, Any] = {"dtype": dtype}

@@ -108,3 +108,25 @@ def test_facts_without_weights_match_the_loaded_model(family_paths, family_model
     loaded = family_models[architecture].facts
     assert (facts.specials, facts.tokens_per_image, facts.max_positions) == (
         loaded.specials, loaded.tokens_per_image, loaded.max_positions)
+
+
+def test_image_longest_edge_cuts_the_tiles(family_paths):
+    """IMAGE_LONGEST_EDGE=one tile: a picture is one tile, far fewer tokens (what a CPU wants)."""
+    import asyncio
+
+    from model_server.config import ModelConfig
+    from model_server.engine import engine_for
+    from model_server.executor import Executor
+    from model_server.loading import load_model
+
+    full = load_model(ModelConfig(model=str(family_paths["smolvlm"]), device="cpu"), progress=lambda line: None)
+    config = ModelConfig(model=str(family_paths["smolvlm"]), device="cpu", image_longest_edge=16)
+    small = load_model(config, progress=lambda line: None)
+    assert small.facts.tokens_per_image < full.facts.tokens_per_image
+
+    async def answer():
+        async with Executor(engine_for(small, config), config, batch_window_s=0.0) as executor:
+            return await executor.generate(tasks.caption(noise_image(1, (200, 100))))
+
+    result = asyncio.run(answer())
+    assert result.prompt_tokens < full.facts.tokens_per_image  # less than one full-size picture alone
