@@ -49,7 +49,7 @@ def model_info_without_weights(name: str) -> ModelInfo:
 
         architecture = architecture_of(name, local_only=True)
         if architecture != "idefics":
-            return _family_info(name, processor_facts(name, architecture))
+            return family_model_info(name, processor_facts(name, architecture))
         processor = load_processor(name, local_only=True)
     except ModelLoadError:
         return ModelInfo(name=name, instruct="instruct" in name.lower(), max_positions=TRAINED_POSITIONS)
@@ -60,7 +60,7 @@ def model_info_without_weights(name: str) -> ModelInfo:
     )
 
 
-def _family_info(name: str, facts: ProcessorFacts) -> ModelInfo:
+def family_model_info(name: str, facts: ProcessorFacts) -> ModelInfo:
     """Idefics2, Idefics3, SmolVLM: counted and shown through the processor's chat template."""
     return ModelInfo(name=name, instruct=facts.instruct, max_positions=facts.max_positions, count_tokens=facts.counter,
                      architecture=facts.architecture, display=facts.display)
@@ -92,7 +92,7 @@ async def open_executor(settings: Settings, model: str | None = None,
     info = ModelInfo(name=config.model, instruct=loaded.instruct, max_positions=loaded.max_positions,
                      count_tokens=loaded.count_tokens, architecture=loaded.architecture)
     if loaded.facts is not None:
-        info = _family_info(config.model, loaded.facts)
+        info = family_model_info(config.model, loaded.facts)
     async with local_executor(models, config, batch_window_s=settings.batch_window_ms / 1000) as executor:
         yield executor, info
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from bot.images.fetch import ImageFetcher, create_session
 from bot.pipeline.conversation import Conversation, ModelInfo
-from bot.pipeline.services import Services, _family_info
+from bot.pipeline.services import Services, family_model_info
 from bot.settings import Settings
 from model_server.config import ModelConfig
 from model_server.engine import engine_for
@@ -21,7 +21,7 @@ from tests.bot.discord_app.test_commands import answered, ranking, slash
 def info_of(loaded: Any) -> ModelInfo:
     """The `ModelInfo` `open_executor` builds for a loaded model."""
     if loaded.facts is not None:
-        return _family_info(loaded.name, loaded.facts)
+        return family_model_info(loaded.name, loaded.facts)
     return ModelInfo(name=loaded.name, instruct=loaded.instruct, max_positions=loaded.max_positions,
                      count_tokens=loaded.count_tokens, architecture=loaded.architecture)
 
