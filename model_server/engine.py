@@ -134,10 +134,6 @@ class LocalEngine:
     def for_config(cls, loaded: LoadedModel, config: ModelConfig) -> LocalEngine:
         return cls(loaded, vision_cache_bytes=config.vision_cache_mb * 2**20)
 
-    def render(self, prompt: Prompt) -> str:
-        """The exact text the model reads (images as their token strings)."""
-        return prompt_text(prompt.items, bos=self.tokenizer.bos_token)
-
     # -- model calls (one place, so tests can inject faults here) --------------------------------
     def forward(self, **kwargs: Any) -> Any:
         return self.model(**kwargs)
