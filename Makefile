@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) -m bench.executor
 	$(PY) -m bench.overhead
 	$(PY) -m bench.batching
+	$(PY) -m bench.families
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     """continuous: new requests join the running batch between decode steps; static: a batch runs to its end."""
     vision_cache_mb: int = Field(default=256, ge=0)
     """Memory for image features kept between requests, so a picture asked about again is not re-encoded."""
+    image_longest_edge: int = Field(default=0, ge=0)
+    """Idefics3/SmolVLM: resize pictures to at most this many pixels on their longest side before they are cut
+    into tiles (fewer tiles, fewer image tokens: 512 is one tile, for CPUs); 0 keeps the checkpoint's own size."""
     max_queue: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=180.0, gt=0)
     watchdog_s: float = Field(default=120.0, ge=0)
@@ -167,6 +170,7 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             batching=self.batching,
             vision_cache_mb=self.vision_cache_mb,
+            image_longest_edge=self.image_longest_edge,
             max_queue=self.max_queue,
             request_timeout_s=self.request_timeout_s,
             watchdog_s=self.watchdog_s,

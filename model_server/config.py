@@ -24,6 +24,9 @@ class ModelConfig:
     "static": a batch runs to its end before the next one starts (beam search and scoring always do)."""
     vision_cache_mb: int = 256
     """Memory for image features kept between requests (keyed by image content); 0 turns the cache off."""
+    image_longest_edge: int = 0
+    """Idefics3/SmolVLM: pictures resized to at most this longest side before tiling (512: one tile); 0: the
+    checkpoint's own setting."""
     max_queue: int = 64
     """Most requests waiting; past it `submit` raises `Busy`."""
     request_timeout_s: float = 180.0

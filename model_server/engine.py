@@ -18,6 +18,7 @@ request, is not encoded again.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -96,6 +97,12 @@ class _StepReport(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
+def model_identity(loaded: LoadedModel) -> Hashable:
+    """Part of every vision cache key: the model's name, architecture, exact config and dtype."""
+    config = loaded.model.config.to_json_string(use_diff=False)
+    return loaded.name, loaded.architecture, hashlib.sha256(config.encode()).hexdigest()[:16], str(loaded.dtype)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -112,6 +119,7 @@ class LocalEngine:
         self._bad_ids = torch.tensor([ids[0] for ids in loaded.bad_words_ids], dtype=torch.long, device=loaded.device)
         self._stop_ids = set(loaded.stop_token_ids)
         self.vision_cache = VisionCache(vision_cache_bytes)
+        self.identity = model_identity(loaded)
         config = self.model.config
         vision = config.vision_config
         if config.use_resampler:
@@ -161,7 +169,7 @@ class LocalEngine:
         places: list[tuple[int, int, Hashable]] = []
         for r, row_images in enumerate(images):
             for k, image in enumerate(row_images):
-                key = image_key(image)
+                key: Hashable = (self.identity, image_key(image))  # another model's features never match
                 places.append((r, k, key))
                 if key in found or key in missing:
                     continue
@@ -175,11 +183,11 @@ class LocalEngine:
             hidden = self.model.model.vision_model(pixel_values=pixels).last_hidden_state
             if self.model.config.use_resampler:
                 hidden = self.model.model.perceiver_resampler(hidden)
-            for key, features in zip(missing, hidden, strict=True):
-                found[key] = features.clone()  # its own storage: the cache must not pin the whole batch
-                self.vision_cache.put(key, found[key])
-        for r, k, key in places:
-            out[r, k] = found[key]
+            for new_key, features in zip(missing, hidden, strict=True):
+                found[new_key] = features.clone()  # its own storage: the cache must not pin the whole batch
+                self.vision_cache.put(new_key, found[new_key])
+        for r, k, place in places:
+            out[r, k] = found[place]
         return out
 
     # -- free generation -------------------------------------------------------------------------
@@ -378,3 +386,12 @@ class LocalEngine:
                     total += float(logprobs[r, pos - 1, ids[k]])
                 scores.append(total)
         return scores
+
+
+def engine_for(loaded: LoadedModel, config: ModelConfig) -> LocalEngine:
+    """The engine of `loaded`'s architecture: this one for IDEFICS v1, `families.engine` for the newer ones."""
+    if loaded.architecture == "idefics":
+        return LocalEngine.for_config(loaded, config)
+    from model_server.families.engine import FamilyEngine
+
+    return FamilyEngine.for_config(loaded, config)

@@ -8,12 +8,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model_server.config import ModelConfig
 from model_server.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from model_server.families.loading import ProcessorFacts
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,18 @@ class LoadedModel:
     bad_words_ids: list[list[int]]
     """`<image>` and `<fake_token_around_image>`: the model must never write them."""
     max_positions: int
+    architecture: str = "idefics"
+    """The checkpoint's `model_type`: idefics (v1), idefics2, idefics3 or smolvlm (`model_server.families`)."""
+    facts: ProcessorFacts | None = None
+    """How a chat-template model renders and counts prompts; None for IDEFICS v1."""
 
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
     def count_tokens(self, text: str) -> int:
+        if self.facts is not None:
+            return self.facts.counter(text)
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -185,8 +194,11 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     """
     from transformers import IdeficsForVisionText2Text
 
+    from model_server.families.loading import architecture_of, load_family
+
     say = progress or (lambda line: log.info("%s", line))
     started = time.monotonic()
+    architecture = architecture_of(config.model)
     placement: str | dict[str, str] | None = None
     if device is None:
         device = resolve_device(config.device)
@@ -199,6 +211,9 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     dtype = resolve_dtype(config.dtype, device)
     quant = quantization_config(config.quantization, dtype, device)
 
+    if architecture != "idefics":
+        return load_family(config, architecture, device=device, dtype=dtype, placement=placement, quant=quant,
+                           say=say, started=started)
     say(f"loading processor for {config.model}")
     processor = load_processor(config.model)
     tokenizer = processor.tokenizer
@@ -241,6 +256,6 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
         max_positions=positions,
     )
     params = sum(p.numel() for p in model.parameters())
-    say(f"model ready: {params / 1e6:.1f}M parameters, {'instruct' if loaded.instruct else 'base'} checkpoint, "
-        f"{time.monotonic() - started:.1f}s")
+    kind = "instruct" if loaded.instruct else "base"
+    say(f"model ready: idefics, {params / 1e6:.1f}M parameters, {kind} checkpoint, {time.monotonic() - started:.1f}s")
     return loaded

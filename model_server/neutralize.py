@@ -28,7 +28,9 @@ it cannot form a special string; its own output no longer matches, so neutralizi
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Sequence
 
 ZERO_WIDTH_SPACE = "\u200b"
 
@@ -92,3 +94,23 @@ def has_role_line(text: str) -> bool:
 def contains_special(text: str) -> bool:
     """Whether `text` holds any string the tokenizer would turn into a special token."""
     return any(s in text for s in SPECIAL_STRINGS)
+
+
+def neutralize_strings(text: str, specials: Sequence[str]) -> str:
+    """Break every occurrence of `specials` (a model's own added tokens) with a U+200B after its first character.
+
+    For the newer checkpoints, whose tokenizers add strings of their own (`<global-img>`, `<row_1_col_1>`,
+    `<|im_start|>`, ...): read from the tokenizer at load, not listed here. The argument of the module doc holds for
+    strings that start with `<` and hold no other `<` (all of these); one pass, left to right, judges every start
+    position on its own, and a string that does not start with `<` gets its U+200B after its first character too.
+    """
+    if not specials:
+        return text
+    return _specials_pattern(tuple(sorted(set(specials)))).sub(
+        lambda m: m[0][0] + ZERO_WIDTH_SPACE, text)
+
+
+@functools.cache
+def _specials_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
+    # Only the first character is consumed, so overlapping candidates are each judged at their own start.
+    return re.compile("|".join(f"{re.escape(s[0])}(?={re.escape(s[1:])})" for s in specials if s))

@@ -181,10 +181,9 @@ class ReplicaPool:
     def from_models(cls, models: Sequence[LoadedModel], config: ModelConfig, *,
                     batch_window_s: float = 0.005) -> ReplicaPool:
         """One `Executor` (with its own model thread) per loaded replica; start it with `async with`."""
-        from model_server.engine import LocalEngine
+        from model_server.engine import engine_for
 
-        executors = [Executor(LocalEngine.for_config(m, config), config, batch_window_s=batch_window_s)
-                     for m in models]
+        executors = [Executor(engine_for(m, config), config, batch_window_s=batch_window_s) for m in models]
         return cls(executors, config, [str(m.device) for m in models])
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -303,9 +302,9 @@ def local_executor(models: Sequence[LoadedModel], config: ModelConfig, *,
                    batch_window_s: float = 0.005) -> Executor | ReplicaPool:
     """A plain `Executor` for one loaded model, a `ReplicaPool` for several."""
     if len(models) == 1:
-        from model_server.engine import LocalEngine
+        from model_server.engine import engine_for
 
-        return Executor(LocalEngine.for_config(models[0], config), config, batch_window_s=batch_window_s)
+        return Executor(engine_for(models[0], config), config, batch_window_s=batch_window_s)
     return ReplicaPool.from_models(models, config, batch_window_s=batch_window_s)
 
 

@@ -81,3 +81,27 @@ def noise_image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
 @pytest.fixture
 def make_image():
     return noise_image
+
+
+# -- Idefics2, Idefics3, SmolVLM -----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def family_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random checkpoint of each chat-template architecture, built once per session."""
+    from tests.fakes.tiny_families import ARCHITECTURES, build_tiny_family
+
+    return {a: build_tiny_family(tmp_path_factory.mktemp(f"tiny-{a}"), a) for a in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def family_models(family_paths: dict[str, Path]) -> dict[str, object]:
+    """Each of them loaded on the CPU through `model_server.loading.load_model`, as users load theirs."""
+    from model_server.config import ModelConfig
+    from model_server.loading import load_model
+
+    return {a: load_model(ModelConfig(model=str(p), device="cpu"), progress=lambda line: None)
+            for a, p in family_paths.items()}
+
+
+@pytest.fixture(params=["idefics2", "idefics3", "smolvlm"])
+def architecture(request: pytest.FixtureRequest) -> str:
+    return str(request.param)

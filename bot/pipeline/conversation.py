@@ -26,7 +26,7 @@ from bot.images.check import CheckedImage
 from bot.pipeline.decoded_images import DecodedImages
 from model_server.backend import GenerationBackend, RequestHandle
 from model_server.errors import Busy, ModelServerError
-from model_server.prompt import PromptError, render_chat
+from model_server.prompt import PromptError, prompt_text, render_chat
 from model_server.types import ChatTurn, Decoding, FinishReason, GenerationParams, GenerationResult, Prompt
 from storage import ChannelSettings, ImageBlob, NewMessage, StorageError, Store, StoredMessage
 
@@ -68,10 +68,20 @@ class ModelInfo:
     count_blocks: bool = False
     """`count_tokens` waits on the event loop (a remote tokenizer): render on a worker thread."""
 
+    architecture: str = "idefics"
+    """The checkpoint's `model_type` (idefics, idefics2, idefics3, smolvlm), as `/status` shows it."""
+    display: Callable[[Prompt], str] | None = None
+    """The exact text the model reads for a prompt, each image one `<image>` (chat-template models); None: the
+    IDEFICS v1 text (`prompt_text(..., display=True)`)."""
+
     def prompt_budget(self, max_new_tokens: int) -> int:
         """The most prompt tokens for an answer of `max_new_tokens` (the channel's own)."""
         budget = self.max_positions - max_new_tokens
         return min(budget, self.max_input_tokens) if self.max_input_tokens else budget
+
+    def show(self, prompt: Prompt) -> str:
+        """What `--show-prompt` prints."""
+        return self.display(prompt) if self.display is not None else prompt_text(prompt.items, display=True)
 
 
 @dataclass(frozen=True)

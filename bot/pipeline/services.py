@@ -13,12 +13,16 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.images.fetch import ImageFetcher, create_session
 from bot.pipeline.conversation import Conversation, ModelInfo
 from bot.settings import Settings
 from model_server.backend import GenerationBackend
 from storage import Database, open_database
+
+if TYPE_CHECKING:
+    from model_server.families.loading import ProcessorFacts
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,11 @@ def model_info_without_weights(name: str) -> ModelInfo:
 
     try:
         # Only what is on disk already: a dry run never waits on the hub.
+        from model_server.families.loading import architecture_of, processor_facts
+
+        architecture = architecture_of(name, local_only=True)
+        if architecture != "idefics":
+            return family_model_info(name, processor_facts(name, architecture))
         processor = load_processor(name, local_only=True)
     except ModelLoadError:
         return ModelInfo(name=name, instruct="instruct" in name.lower(), max_positions=TRAINED_POSITIONS)
@@ -49,6 +58,12 @@ def model_info_without_weights(name: str) -> ModelInfo:
         name=name, instruct=is_instruct_tokenizer(tokenizer), max_positions=TRAINED_POSITIONS,
         count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False).input_ids),
     )
+
+
+def family_model_info(name: str, facts: ProcessorFacts) -> ModelInfo:
+    """Idefics2, Idefics3, SmolVLM: counted and shown through the processor's chat template."""
+    return ModelInfo(name=name, instruct=facts.instruct, max_positions=facts.max_positions, count_tokens=facts.counter,
+                     architecture=facts.architecture, display=facts.display)
 
 
 @contextlib.asynccontextmanager
@@ -75,7 +90,9 @@ async def open_executor(settings: Settings, model: str | None = None,
         models = [await asyncio.to_thread(load_model, config, progress)]
     loaded = models[0]
     info = ModelInfo(name=config.model, instruct=loaded.instruct, max_positions=loaded.max_positions,
-                     count_tokens=loaded.count_tokens)
+                     count_tokens=loaded.count_tokens, architecture=loaded.architecture)
+    if loaded.facts is not None:
+        info = family_model_info(config.model, loaded.facts)
     async with local_executor(models, config, batch_window_s=settings.batch_window_ms / 1000) as executor:
         yield executor, info
 

@@ -16,7 +16,6 @@ from bot.pipeline.conversation import IncomingMessage, Reply
 from bot.pipeline.services import open_services
 from bot.settings import Settings
 from bot.terminal.inputs import load_image, progress
-from model_server.prompt import prompt_text
 from model_server.types import GenerationResult
 
 CONSOLE_CHANNEL = "console"
@@ -82,7 +81,7 @@ async def run_chat(args: argparse.Namespace, settings: Settings) -> int:
             if args.show_prompt or args.dry_run:
                 stored = await conversation.record(message, request=not args.dry_run)
                 if stored is not None:
-                    print(prompt_text((await conversation.prompt_for(stored)).items, display=True))
+                    print(conversation.model.show(await conversation.prompt_for(stored)))
                 if args.dry_run or stored is None:
                     continue
                 await conversation.respond(stored, ConsoleSink())

@@ -10,10 +10,9 @@ import asyncio
 
 from bot.images.check import CheckedImage
 from bot.images.fetch import ImageFetcher
-from bot.pipeline.services import open_executor
+from bot.pipeline.services import model_info_without_weights, open_executor
 from bot.settings import Settings
 from bot.terminal.inputs import UsageError, load_images, progress
-from model_server.prompt import prompt_text
 from model_server.types import GenerationResult, Prompt
 
 
@@ -59,8 +58,10 @@ async def run_task(args: argparse.Namespace, settings: Settings) -> int:
         images = await load_images(image_sources(args), fetcher, limits)
     prompts = task_prompts(args, images)
     if args.show_prompt or args.dry_run:
+        # The model's own text: IDEFICS v1's, or the chat template's of Idefics2/Idefics3/SmolVLM.
+        info = await asyncio.to_thread(model_info_without_weights, args.model or settings.idefics_model)
         for prompt in prompts:
-            print(prompt_text(prompt.items, display=True))
+            print(info.show(prompt))
         if args.dry_run:
             return 0
     async with open_executor(settings, args.model, progress) as (executor, _info):

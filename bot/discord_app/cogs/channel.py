@@ -181,6 +181,7 @@ class ChannelCommands(CommandCog):
         lines = [
             f"model: {_shown_model_name(model.name)}",
             f"backend: {self.services.settings.generation_backend}",
+            f"architecture: {model.architecture}",
             f"type: {'instruct' if model.instruct else 'base'}",
         ]
         executor = self.services.executor
