@@ -27,6 +27,7 @@ from storage.models import Channel, Image, Message, MessageImage
 from storage.queries import (
     chunks,
     insert_for,
+    late_answers_statement,
     mark_answered_statement,
     message_insert_statement,
     window_with_images_statement,
@@ -344,22 +345,37 @@ class Store:
 
     @retry_when_disconnected("read")
     async def recent_window(
-        self, channel_key: str, limit: int, *, before_id: int | None = None
+        self, channel_key: str, limit: int, *, before_id: int | None = None, through_id: int | None = None
     ) -> list[StoredMessage]:
         """The last `limit` messages of a channel, oldest first, with their images.
 
         `before_id`: only messages older than that id, i.e. the history as a request saw it when it
         arrived. One statement, which reads `limit` index entries and the links and images of those
         messages by key, whatever the length of the channel's history.
+
+        `through_id`: the window of the request with that id, however much the channel moved on since it
+        arrived: the last `limit` messages up to and including it, then the answers stored after it to the
+        requests among them (a second statement, see `storage.queries.late_answers_statement`), by id.
         """
         if limit <= 0:
             return []
+        if before_id is not None and through_id is not None:
+            raise ValueError("recent_window takes before_id or through_id, not both")
         params: dict[str, Any] = {"channel_key": channel_key, "limit": limit}
+        if through_id is not None:
+            before_id = through_id + 1
         if before_id is not None:
             params["before_id"] = before_id
         statement = window_with_images_statement(before=before_id is not None)
         async with self._engine.connect() as connection:
-            rows = (await connection.execute(statement, params)).all()
+            rows = list((await connection.execute(statement, params)).all())
+            if through_id is not None:
+                # Requests are the user messages with a request state (column 8); column 1 is the platform id.
+                request_ids = list(dict.fromkeys(row[1] for row in rows if row[8] is not None and row[0] != through_id))
+                if request_ids:
+                    rows.extend((await connection.execute(late_answers_statement(), {
+                        "channel_key": channel_key, "after_id": through_id, "request_ids": request_ids,
+                    })).all())
         return _window(rows, channel_key)
 
     @retry_when_disconnected("read")

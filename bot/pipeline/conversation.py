@@ -151,7 +151,9 @@ class Conversation:
     async def prompt_for(self, request: StoredMessage) -> Prompt:
         settings = await self.store.channel_settings(request.channel_key)
         params = self.params_for(settings)
-        window = await self.store.recent_window(request.channel_key, self.defaults.history_messages)
+        # Ends at the request, however many messages came while it waited its turn (a busy channel).
+        window = await self.store.recent_window(request.channel_key, self.defaults.history_messages,
+                                                through_id=request.id)
         turns = self.turns(conversation_order(window, request))
         return render_chat(
             turns, instruct=self.model.instruct,

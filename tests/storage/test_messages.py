@@ -127,6 +127,24 @@ async def test_window_before_id_is_the_history_as_the_request_saw_it(store: Stor
     assert await store.recent_window("100", 10, before_id=ids["0"]) == []
 
 
+async def test_window_through_a_request_ends_at_it_with_the_answers_stored_since(store: Store) -> None:
+    """A request that waited its turn while the channel moved on: its window ends at it, and still holds the
+    answer to the request before it, stored (so numbered) after it."""
+    await store.append_message(message("q1", request_state="pending"))
+    q2 = await store.append_message(message("q2", request_state="pending"))
+    assert q2 is not None
+    for i in range(5):
+        await store.append_message(message(f"later-{i}", author="u2"))
+    await store.append_answer(message("a1", role="assistant", author="bot", reply_to="q1"))
+    await store.append_message(message("a-stranger", role="assistant", author="bot", reply_to="later-0"))
+
+    window = await store.recent_window("100", 3, through_id=q2.id)
+
+    assert [m.platform_id for m in window] == ["q1", "q2", "a1"]
+    assert [m.platform_id for m in await store.recent_window("100", 1, through_id=q2.id)] == ["q2"]
+    assert [m.platform_id for m in await store.recent_window("100", 3)] == ["later-4", "a1", "a-stranger"]
+
+
 async def test_edit_message(store: Store) -> None:
     await store.append_message(message("1", text="before", images=(RED,)))
 
