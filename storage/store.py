@@ -128,7 +128,10 @@ class Store:
         """Store an assistant's answer and mark the request it answers (`msg.reply_to`) "answered", together.
 
         One transaction, one commit, where `append_message` and `set_request_state` take two: this runs for
-        every answer. None (nothing stored, nothing marked) if the answer's platform id is known already.
+        every answer. None (nothing stored, nothing marked) if the answer's platform id is known already, or if
+        the request it answers is no longer stored (deleted, or its author forgotten while it was answered): an
+        answer never outlives its question. The request is marked first, which also locks its row until the
+        commit, so `forget_user` cannot erase it between that check and the answer's insert.
         """
         if msg.role != "assistant" or msg.reply_to is None:
             raise InvalidMessage(
@@ -144,6 +147,12 @@ class Store:
     async def _append(self, msg: NewMessage, created_at: datetime, hashes: list[str],
                       attempts: _AppendAttempts, answered: str | None = None) -> StoredMessage | None:
         async with self._sessions() as session:
+            if answered is not None:
+                marked = await session.execute(mark_answered_statement(), {"answered": answered})
+                if _rowcount(marked) == 0:
+                    await session.rollback()
+                    log.info("answer platform_id=%s not stored: request %s is gone", msg.platform_id, answered)
+                    return None
             channel_id = self._channel_ids.get(msg.channel_key)
             if channel_id is None:
                 channel_id = await self._ensure_channel(session, msg.channel_key)
@@ -175,8 +184,6 @@ class Store:
                         ]
                     )
                 )
-            if answered is not None:
-                await session.execute(mark_answered_statement(), {"answered": answered})
             try:
                 await commit(session)
             except CommitInDoubt:
@@ -326,6 +333,11 @@ class Store:
         """
         authored = select(Message.platform_id).where(Message.author_id == author_id)
         async with self._sessions() as session:
+            # Their messages locked first (PostgreSQL): an answer being stored holds its request's row (see
+            # `append_answer`), so this waits for it to commit, and the read below, a statement later, sees it.
+            await session.execute(
+                select(Message.id).where(Message.author_id == author_id).order_by(Message.id).with_for_update()
+            )
             ids = (
                 await session.scalars(
                     select(Message.id).where(

@@ -213,6 +213,25 @@ async def test_forget_user_everywhere_with_the_answers_to_them(database: Databas
     assert await store.forget_user("alice") == 0
 
 
+async def test_an_answer_whose_question_was_erased_is_not_stored(store: Store) -> None:
+    """Checked in the answer's own transaction: the question forgotten (or deleted) while it was answered."""
+    await store.append_message(message("q1", author="alice", request_state="pending"))
+    await store.append_message(message("q2", author="alice", request_state="pending"))
+    assert await store.forget_user("alice") == 2
+
+    assert await store.append_answer(message("a1", role="assistant", author="bot", reply_to="q1")) is None
+
+    await store.append_message(message("q3", author="bob", request_state="pending"))
+    await store.delete_message("q3")
+    assert await store.append_answer(message("a3", role="assistant", author="bot", reply_to="q3")) is None
+    assert await store.get_message("a1") is None and await store.get_message("a3") is None
+    assert await store.recent_window("100", 10) == []
+    # A question still there is answered as before.
+    await store.append_message(message("q4", author="bob", request_state="pending"))
+    assert await store.append_answer(message("a4", role="assistant", author="bot", reply_to="q4")) is not None
+    assert (await store.get_message("q4")).request_state == "answered"  # type: ignore[union-attr]
+
+
 async def test_request_states_and_pending_requests(store: Store) -> None:
     now = datetime.now(UTC)
     old = now - timedelta(hours=3)

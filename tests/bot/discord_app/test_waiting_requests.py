@@ -6,10 +6,13 @@ on any machine.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from bot.pipeline.conversation import WITHDRAWN
 from model_server.prompt import prompt_text
-from tests.bot.discord_app.conftest import answer_to, eventually, run_bot, spy_prompts
+from tests.bot.discord_app.conftest import answer_to, eventually, run_bot, settle, spy_prompts
+from tests.bot.discord_app.test_commands import answered, slash
 from tests.fakes.faults import stuck_forward
 
 
@@ -49,3 +52,34 @@ async def test_a_request_that_waited_while_the_channel_moved_on_is_answered_from
 
 async def _count_is(store: Any, channel: str, count: int) -> bool:
     return bool(await store.count_messages(channel) == count)
+
+
+async def test_forget_me_stops_the_callers_running_answer_and_nothing_of_it_is_stored(
+    fake_discord: Any, bot_settings: Any, services_factory: Any, engine: Any
+) -> None:
+    """`/forget-me` while the caller's answer is at the model: the answer is stopped, not stored afterwards,
+    and its place says why; another user's answer in the same batch is not touched."""
+    fake, world = fake_discord, fake_discord.world
+    with stuck_forward(engine) as gate:
+        async with services_factory(bot_settings) as services, run_bot(fake, services) as running:
+            store = running.store
+            prompts = spy_prompts(services)
+            asked = await fake.send_message_as(world.member, world.dm, "describe a cat")
+            other = await fake.send_message_as(world.moderator, world.images, "describe a dog", mentions_bot=True)
+            await eventually(lambda: len(prompts) == 2, what="both requests at the model")
+            forget = asyncio.ensure_future(slash(running, "forget-me", channel=world.general, member=world.member))
+            await eventually(lambda: _gone(store, str(asked.id)), what="the caller's question erased")
+            gate.set()  # the model goes on: the caller's answer would come now
+            record = await forget
+            assert answered(record, ephemeral=True).startswith("Done: 1 message of yours")
+            # Once /forget-me returned, nothing of the caller is stored, nor stored later.
+            await settle(running)
+            assert await store.count_messages(str(world.dm.id)) == 0
+            assert [m.content for m in fake.sent_messages(world.dm)] == [WITHDRAWN]
+            kept = await answer_to(running, world.images, other)
+            assert (await store.get_message(str(kept.id))).reply_to == str(other.id)
+            assert (await store.get_message(str(other.id))).request_state == "answered"
+
+
+async def _gone(store: Any, platform_id: str) -> bool:
+    return await store.get_message(platform_id) is None
