@@ -35,11 +35,12 @@ from discord.ext import commands
 
 from bot.discord_app.attachments import images_from_message
 from bot.discord_app.cogs import EXTENSIONS
-from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
+from bot.discord_app.incoming import channel_key, clean_text, starter_platform_id, to_incoming
+from bot.discord_app.readable import nothing_to_read, unreadable_note
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
 from bot.discord_app.replies import MessageReplySink, send_notice
 from bot.discord_app.triggers import MessageFacts, decide
-from bot.errors import RateLimited
+from bot.errors import RateLimited, UnreadableFile
 from bot.pipeline.limits import UserLimiter
 from bot.pipeline.services import Services
 from storage import NewMessage, StorageError, StoredMessage
@@ -227,7 +228,8 @@ class IdeficsBot(commands.Bot):
         store = services.conversation.store
         key = channel_key(message.channel)
         channel_settings = await store.channel_settings(key)
-        decision = decide(await self._facts(message), answer_mode=channel_settings.answer_mode,
+        facts = await self._facts(message)
+        decision = decide(facts, answer_mode=channel_settings.answer_mode,
                           record_mode=channel_settings.record_mode, answer_dms=services.settings.answer_dms,
                           answer_bots=services.settings.answer_bots)
         if not decision.record:
@@ -235,8 +237,18 @@ class IdeficsBot(commands.Bot):
                 await asyncio.wait({previous})
             return
         images, errors = await images_from_message(message, services.fetcher, services.settings.image_limits())
+        unreadable = [e for e in errors if isinstance(e, UnreadableFile)]
+        errors = [e for e in errors if not isinstance(e, UnreadableFile)]
         if previous is not None:
             await asyncio.wait({previous})
+        if not images and not errors and not clean_text(message, self.user.id if self.user else None):
+            # Nothing the model can read (a sticker, a voice message, a poll, a file): never an empty turn, in
+            # the history or to the model; told so when it was written to the bot.
+            if decision.answer and facts.addressed:
+                log.info("message %s in channel %s: nothing to read (%d files left out)", message.id, key,
+                         len(unreadable))
+                await send_notice(message, nothing_to_read(message, unreadable))
+            return
         if isinstance(message.channel, discord.Thread):
             await self._ensure_thread_starter(message.channel)
         if decision.answer and self._draining and not errors:
@@ -280,7 +292,8 @@ class IdeficsBot(commands.Bot):
                 with slot:
                     log.info("request %s not started: shutting down, left pending", stored.platform_id)
                 return
-            self.spawn(self._answer(message, stored, slot), name=f"answer-{message.id}")
+            self.spawn(self._answer(message, stored, slot, note=unreadable_note(unreadable)),
+                       name=f"answer-{message.id}")
 
     async def _record_for_later(self, message: discord.Message, images: Any) -> None:
         """During shutdown: store a request as "pending" without starting it (the next start answers it)."""
@@ -294,9 +307,12 @@ class IdeficsBot(commands.Bot):
         self.spawn(self._answer(message, stored, None, recovered=True), name=f"recover-{message.id}")
 
     async def _answer(self, message: discord.Message, stored: StoredMessage,
-                      slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False) -> None:
+                      slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False,
+                      note: str = "") -> None:
+        """Answer `stored` in a reply to `message`; `note` (files left out) shows above the answer."""
         with slot if slot is not None else contextlib.nullcontext():
-            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s)
+            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s,
+                                                note=note)
             try:
                 async with sink:
                     await self.services.conversation.respond(stored, sink)

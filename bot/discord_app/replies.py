@@ -103,8 +103,10 @@ def queued_text(ahead: int) -> str:
 class _StreamedReply(abc.ABC):
     """The common part of both sinks: one or more messages that show the answer as it grows."""
 
-    def __init__(self, *, edit_interval_s: float = 1.0) -> None:
+    def __init__(self, *, edit_interval_s: float = 1.0, note: str = "") -> None:
         self.edit_interval_s = edit_interval_s
+        self.note = note
+        """A line shown above the answer (files that could not be used); not part of the answer's text."""
         self._messages: list[Any] = []  # discord.Message / InteractionMessage / WebhookMessage, in order
         self._shown: list[str] = []  # what each of `_messages` shows now
         self._text = ""
@@ -200,7 +202,7 @@ class _StreamedReply(abc.ABC):
             await self._messages[index].delete()
 
     async def _show(self, text: str, *, final: bool) -> None:
-        chunks = split_message(text) or ["…"]
+        chunks = split_message(f"{self.note}\n{text}" if self.note else text) or ["…"]
         if not self._has_text:
             self._has_text = True
             await self._stop_waiting()
@@ -253,17 +255,18 @@ class MessageReplySink(_StreamedReply):
     """
 
     def __init__(self, channel: discord.abc.Messageable, reference: discord.MessageReference | None, *,
-                 edit_interval_s: float = 1.0) -> None:
-        super().__init__(edit_interval_s=edit_interval_s)
+                 edit_interval_s: float = 1.0, note: str = "") -> None:
+        super().__init__(edit_interval_s=edit_interval_s, note=note)
         self.channel = channel
         self.reference = reference
         self._typing: asyncio.Task[None] | None = None
         self._typing_stop = asyncio.Event()
 
     @classmethod
-    def for_message(cls, message: discord.Message, *, edit_interval_s: float = 1.0) -> MessageReplySink:
+    def for_message(cls, message: discord.Message, *, edit_interval_s: float = 1.0,
+                    note: str = "") -> MessageReplySink:
         return cls(message.channel, message.to_reference(fail_if_not_exists=False),
-                   edit_interval_s=edit_interval_s)
+                   edit_interval_s=edit_interval_s, note=note)
 
     async def __aenter__(self) -> MessageReplySink:
         self._typing = asyncio.create_task(self._keep_typing(), name="typing-indicator")

@@ -26,6 +26,11 @@ class MessageFacts:
     is_system: bool = False
     """A join, pin, thread-created ... notice rather than something a person wrote."""
 
+    @property
+    def addressed(self) -> bool:
+        """Written to the bot: a DM, a mention, a reply to it (not merely a message in an "always" channel)."""
+        return self.is_dm or self.mentions_bot or self.replies_to_bot
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -46,8 +51,7 @@ def decide(facts: MessageFacts, *, answer_mode: AnswerMode | None, record_mode: 
         return IGNORE
     if facts.is_dm and not answer_dms:
         return IGNORE
-    addressed = facts.mentions_bot or facts.replies_to_bot or facts.is_dm
-    wanted = addressed or (answer_mode or DEFAULT_ANSWER_MODE) == "always"
+    wanted = facts.addressed or (answer_mode or DEFAULT_ANSWER_MODE) == "always"
     # Two bots that answer each other would never stop: other bots are context unless explicitly allowed.
     answer = wanted and (not facts.from_bot or answer_bots)
     record = answer or (record_mode or DEFAULT_RECORD_MODE) == "all"
