@@ -249,6 +249,21 @@ class Store:
             await commit(session)
         return _rowcount(result) > 0
 
+    @retry_when_disconnected("idempotent")  # sets a fixed value
+    @retry_when_locked
+    async def set_partial_reply(self, platform_id: str, reply_id: str) -> bool:
+        """Record the message that shows request `platform_id`'s answer while it is delivered (its first part, once
+        sent), so that a restart continues in it. False if the request is not stored."""
+        async with self._sessions() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.platform_id == platform_id)
+                .values(partial_reply_id=reply_id)
+                .execution_options(synchronize_session=False)
+            )
+            await commit(session)
+        return _rowcount(result) > 0
+
     @retry_when_disconnected("write")  # compare-and-set: a second run after a lost commit would answer False
     @retry_when_locked  # "database is locked" means nothing was written: safe to run again
     async def claim_request(
@@ -642,6 +657,7 @@ def _stored(row: Message, channel_key: str) -> StoredMessage:
         created_at=row.created_at,
         reply_to=row.reply_to,
         request_state=cast("RequestState | None", row.request_state),
+        partial_reply_id=row.partial_reply_id,
         images=tuple(
             StoredImage(
                 sha256=link.image.sha256,

@@ -10,7 +10,9 @@ order (the pipeline's per-channel lock); answers of different channels run toget
 
 Restarts: once ready, requests a crashed run left "pending" are answered or their authors told
 (`bot.discord_app.recovery`). Shutdown (`drain`): new requests are stored but not started (they stay "pending" for the
-next start), running answers get a grace period, then are cancelled with a short notice and stay "pending".
+next start), running answers get a grace period, then are cancelled with a short notice and stay "pending". The
+first message of every answer is stored with its request as it is sent, so the next start continues in it (the cut
+off text, or the notice) instead of leaving it beside a new one.
 
 Sharding (`DISCORD_SHARDS`, `DISCORD_SHARD_IDS`): `create_bot` picks the class. Unset, `IdeficsBot` is a plain
 `commands.Bot` on one gateway connection. Set, `ShardedIdeficsBot` adds discord.py's `AutoShardedBot`: several
@@ -38,7 +40,7 @@ from bot.discord_app.cogs import EXTENSIONS
 from bot.discord_app.incoming import channel_key, clean_text, starter_platform_id, to_incoming
 from bot.discord_app.readable import nothing_to_read, unreadable_note
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
-from bot.discord_app.replies import MessageReplySink, send_notice
+from bot.discord_app.replies import MessageReplySink, send_notice, sibling_message
 from bot.discord_app.triggers import MessageFacts, decide
 from bot.errors import RateLimited, UnreadableFile
 from bot.pipeline.limits import UserLimiter
@@ -48,8 +50,9 @@ from storage import NewMessage, StorageError, StoredMessage
 log = logging.getLogger(__name__)
 
 STORAGE_FAILED = "I could not save your message right now; please try again in a minute"
-RESTARTING = "I am restarting, please ask again in a minute"
-"""Shown in place of an answer cut off by a shutdown (the request stays "pending" for the next start)."""
+RESTARTING = "I am restarting; your answer will appear here in a minute"
+"""Shown in place of an answer cut off by a shutdown. The request stays "pending" and this message is its partial
+reply: the next start answers it by editing this message (or, past `RESUME_WINDOW_S`, asks to ask again)."""
 NOTICE_TIMEOUT_S = 5.0
 """Most time spent telling one user, at shutdown, that their answer was cut off."""
 
@@ -313,6 +316,12 @@ class IdeficsBot(commands.Bot):
         with slot if slot is not None else contextlib.nullcontext():
             sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s,
                                                 note=note)
+            conversation = self.services.conversation
+            if stored.partial_reply_id is not None:
+                # An earlier run began this answer (or said it was restarting) in that message: go on there.
+                sink.continue_in(sibling_message(message, int(stored.partial_reply_id)))
+            else:
+                sink.on_first_sent = lambda reply_id: conversation.note_partial_reply(stored, reply_id)
             try:
                 async with sink:
                     await self.services.conversation.respond(stored, sink)

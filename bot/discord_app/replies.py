@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
@@ -113,6 +114,14 @@ class _StreamedReply(abc.ABC):
         self._has_text = False  # False while the first message shows the queue position
         self._last_edit = -float("inf")
         self._streaming = True  # off after a failed streaming edit: only the final delivery is tried
+        self.on_first_sent: Callable[[str], Awaitable[None]] | None = None
+        """Called with the id of the first message once it is sent (the queue position, the first part of the
+        answer, or a notice): the pipeline stores it, so that a restart continues in that message."""
+
+    def continue_in(self, message: Any) -> None:
+        """Show the answer in `message` (a partial answer, or a notice, left by an earlier run) rather than in a
+        new one; a message that cannot be edited any more (deleted) is replaced by a new one at delivery."""
+        self._messages, self._shown = [message], [""]
 
     # -- what each platform does ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -196,6 +205,8 @@ class _StreamedReply(abc.ABC):
     async def _append(self, message: Any, content: str) -> None:
         self._messages.append(message)
         self._shown.append(content)
+        if len(self._messages) == 1 and self.on_first_sent is not None:
+            await self.on_first_sent(str(message.id))
 
     async def _delete(self, index: int) -> None:
         with contextlib.suppress(discord.HTTPException):
@@ -321,3 +332,8 @@ async def send_notice(message: discord.Message, text: str) -> discord.Message | 
     except discord.HTTPException as exc:
         log.warning("notice to message %s not delivered: HTTP %s (code %s)", message.id, exc.status, exc.code)
         return None
+
+
+def sibling_message(message: discord.Message, message_id: int) -> discord.PartialMessage:
+    """Another message of `message`'s channel, by id: to edit it without fetching it first."""
+    return discord.PartialMessage(channel=message.channel, id=message_id)

@@ -330,6 +330,14 @@ class Conversation:
                     return
         await self._mark(request, "answered")
 
+    async def note_partial_reply(self, request: StoredMessage, reply_id: str) -> None:
+        """The message that will show `request`'s answer was sent: remember it, so a restart continues in it."""
+        try:
+            await self.store.set_partial_reply(request.platform_id, reply_id)
+        except StorageError as exc:  # a restart would then answer in a new message: worth no failure now
+            log.warning("request %s: partial reply %s not stored: %s", request.platform_id, reply_id,
+                        type(exc).__name__)
+
     async def _mark(self, request: StoredMessage, state: str) -> None:
         self._owed[request.platform_id] = state
         await self.settle_owed_states()

@@ -232,6 +232,18 @@ async def test_an_answer_whose_question_was_erased_is_not_stored(store: Store) -
     assert (await store.get_message("q4")).request_state == "answered"  # type: ignore[union-attr]
 
 
+async def test_the_partial_reply_of_a_request_is_kept_for_a_restart(store: Store) -> None:
+    await store.append_message(message("q1", request_state="pending", created_at=datetime.now(UTC)))
+    assert (await store.get_message("q1")).partial_reply_id is None  # type: ignore[union-attr]
+
+    assert await store.set_partial_reply("q1", "r1") is True
+    assert await store.set_partial_reply("missing", "r2") is False
+
+    assert (await store.get_message("q1")).partial_reply_id == "r1"  # type: ignore[union-attr]
+    [pending] = await store.pending_requests_before(datetime.now(UTC) + timedelta(seconds=1))
+    assert pending.platform_id == "q1" and pending.partial_reply_id == "r1"
+
+
 async def test_request_states_and_pending_requests(store: Store) -> None:
     now = datetime.now(UTC)
     old = now - timedelta(hours=3)
