@@ -10,6 +10,7 @@ only `StorageError` for it, never the driver's error.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -120,6 +121,7 @@ class Store:
         connection can never store it twice.
         """
         self._check(msg)
+        msg = _storable(msg)
         created_at = msg.created_at or datetime.now(UTC)  # once: every attempt stores the same row
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts())
@@ -138,6 +140,7 @@ class Store:
                 detail=f"platform_id={msg.platform_id}: an answer is an assistant message with reply_to"
             )
         self._check(msg)
+        msg = _storable(msg)
         created_at = msg.created_at or datetime.now(UTC)
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts(), answered=msg.reply_to)
@@ -225,7 +228,7 @@ class Store:
             result = await session.execute(
                 update(Message)
                 .where(Message.platform_id == platform_id)
-                .values(text=text)
+                .values(text=text.replace("\x00", ""))
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
@@ -638,6 +641,12 @@ class _AppendAttempts:
 
     commit_lost: bool = False
     """An attempt lost its connection during the COMMIT: the message may be stored already."""
+
+
+def _storable(msg: NewMessage) -> NewMessage:
+    """`msg` without NUL characters, which PostgreSQL's text cannot hold (a model's output may carry one); the
+    same on SQLite, so every database stores the same text."""
+    return dataclasses.replace(msg, text=msg.text.replace("\x00", "")) if "\x00" in msg.text else msg
 
 
 def _rowcount(result: Any) -> int:

@@ -145,6 +145,15 @@ async def test_window_through_a_request_ends_at_it_with_the_answers_stored_since
     assert [m.platform_id for m in await store.recent_window("100", 3)] == ["later-4", "a1", "a-stranger"]
 
 
+async def test_nul_characters_are_left_out_on_every_database(store: Store) -> None:
+    """PostgreSQL's text cannot hold NUL: a model's answer carrying one is stored without it, not refused."""
+    await store.append_message(message("q", text="a\x00b", request_state="pending"))
+    stored = await store.append_answer(message("a", role="assistant", author="bot", reply_to="q", text="c\x00d"))
+    assert stored is not None and stored.text == "cd"
+    assert await store.edit_message("q", "e\x00f")
+    assert [m.text for m in await store.recent_window("100", 10)] == ["ef", "cd"]
+
+
 async def test_edit_message(store: Store) -> None:
     await store.append_message(message("1", text="before", images=(RED,)))
 
