@@ -32,6 +32,9 @@ from storage import ChannelSettings, ImageBlob, NewMessage, StorageError, Store,
 log = logging.getLogger(__name__)
 
 EMPTY_ANSWER = "(the model gave an empty answer; try rephrasing)"
+NUL = "\x00"
+"""Left out of what the model writes: a chat shows nothing for it, and PostgreSQL's text cannot hold it (the answer
+shown and the answer stored must be the same text)."""
 WITHDRAWN = "(stopped: you asked me to forget you)"
 """Shown in place of an answer stopped by its author's `forget_user`."""
 WITHDRAW_WAIT_S = 10.0
@@ -277,12 +280,13 @@ class Conversation:
             try:
                 await report_queue(handle, sink)
                 async for delta in handle:
-                    await sink.delta(delta)
+                    await sink.delta(delta.replace(NUL, ""))
                 result = await handle.result()
             except BaseException:
                 handle.cancel()
                 raise
-            text = result.text if result.text.strip() else EMPTY_ANSWER
+            text = result.text.replace(NUL, "")
+            text = text if text.strip() else EMPTY_ANSWER
             if result.finish_reason is FinishReason.CANCELLED:
                 if live.withdrawn:
                     await sink.failed(WITHDRAWN)
