@@ -5,6 +5,7 @@ Hierarchy:
     UserInputError            the user sent something we cannot use; `user_message` is shown as is
     ├── ImageError            the bytes of an image (or how many there are) are unusable
     │   ├── NotAnImage        content is not PNG, JPEG, GIF, WebP or BMP
+    │   │   └── UnreadableFile  an attached file that is no usable image (named back, beside the answer)
     │   ├── ImageTooLarge     more bytes than the limit
     │   ├── TooManyPixels     width x height over the limit (decompression bombs)
     │   ├── CorruptImage      truncated or damaged file
@@ -52,6 +53,18 @@ class ImageError(UserInputError):
 
 class NotAnImage(ImageError):
     default_user_message = "that file is not an image"
+
+
+class UnreadableFile(NotAnImage):
+    """An attached file the model cannot read: a PDF, an SVG, a voice message, an HTML page named `.png`, an
+    empty file. Not a reason to refuse the message: its sender is told which file was left out."""
+
+    def __init__(self, filename: str, *, detail: str = "") -> None:
+        # Discord sanitises upload names, but a payload is untrusted: one short line, shown as a code span
+        # (in which Discord renders no markdown and no mention).
+        name = "".join(c for c in filename if c.isprintable() and c != "`")
+        self.filename = (name[:60] + "…" if len(name) > 61 else name) or "file"
+        super().__init__(f"`{self.filename}` is not an image I can read", detail=detail)
 
 
 class ImageTooLarge(ImageError):

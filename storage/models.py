@@ -102,6 +102,9 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     reply_to: Mapped[str | None] = mapped_column(String(64))
     request_state: Mapped[str | None] = mapped_column(String(16))
+    partial_reply_id: Mapped[str | None] = mapped_column(String(64))
+    """A request's: platform id of the message showing its answer while it is delivered (set once sent), so that
+    a restart continues in that message rather than leave it cut off beside a new one."""
 
     image_links: Mapped[list[MessageImage]] = relationship(
         order_by="MessageImage.position", lazy="raise", passive_deletes=True

@@ -37,6 +37,11 @@ def window_statement(
     return statement.order_by(Message.id.desc()).limit(limit)
 
 
+_WINDOW_COLUMNS = (Message.id, Message.platform_id, Message.role, Message.author_id, Message.author_name,
+                   Message.text, Message.created_at, Message.reply_to, Message.request_state)
+"""A window's columns, in the order `storage.store._window` unpacks them."""
+
+
 @functools.cache
 def window_rows_statement(before: bool = False) -> Select[*tuple[Any, ...]]:
     """`window_statement` as the store runs it: plain columns, in the order `storage.store._window` unpacks
@@ -48,10 +53,7 @@ def window_rows_statement(before: bool = False) -> Select[*tuple[Any, ...]]:
     return window_statement(
         bindparam("channel_key", type_=String), bindparam("limit", type_=Integer),
         bindparam("before_id", type_=Integer) if before else None,
-    ).with_only_columns(
-        Message.id, Message.platform_id, Message.role, Message.author_id, Message.author_name, Message.text,
-        Message.created_at, Message.reply_to, Message.request_state,
-    )
+    ).with_only_columns(*_WINDOW_COLUMNS)
 
 
 @functools.cache
@@ -65,11 +67,38 @@ def window_with_images_statement(before: bool = False) -> Select[*tuple[Any, ...
     every database reads the window's rows by index, then the links' primary key (`message_id, position`) for
     those messages, then each image by its key, however many links and images it holds.
     """
-    window = window_rows_statement(before).subquery("window")
+    return _joined_with_images(window_rows_statement(before).subquery("window"))
+
+
+@functools.cache
+def late_answers_statement() -> Select[*tuple[Any, ...]]:
+    """The answers stored after message `after_id` of channel `channel_key` to the requests `request_ids` (a
+    list, bound expanded), with their images, in `window_with_images_statement`'s columns.
+
+    A request's window ends at the request, but an answer is stored when it finishes: the answer to the request
+    before it can come after it by id (it was being generated while this one waited), and belongs in its history.
+    Found through the `reply_to` index, one look-up per request of the window, however busy the channel was since.
+    """
+    channel_id = select(Channel.id).where(Channel.key == bindparam("channel_key", type_=String)).scalar_subquery()
+    answers = (
+        select(*_WINDOW_COLUMNS)
+        .where(
+            Message.reply_to.in_(bindparam("request_ids", expanding=True, type_=String)),
+            Message.channel_id == channel_id,
+            Message.id > bindparam("after_id", type_=Integer),
+            Message.role == "assistant",
+        )
+        .subquery("answers")
+    )
+    return _joined_with_images(answers)
+
+
+def _joined_with_images(rows: Any) -> Select[*tuple[Any, ...]]:
+    """`rows` (a subquery of `_WINDOW_COLUMNS`) with each message's images LEFT joined, a row per image."""
     return (
-        select(window, MessageImage.position, Image.sha256, Image.mime, Image.width, Image.height, Image.data)
-        .select_from(window)
-        .outerjoin(MessageImage, MessageImage.message_id == window.c.id)
+        select(rows, MessageImage.position, Image.sha256, Image.mime, Image.width, Image.height, Image.data)
+        .select_from(rows)
+        .outerjoin(MessageImage, MessageImage.message_id == rows.c.id)
         .outerjoin(Image, Image.id == MessageImage.image_id)
     )
 

@@ -90,6 +90,9 @@ class StoredMessage:
     reply_to: str | None
     request_state: RequestState | None
     images: tuple[StoredImage, ...]
+    partial_reply_id: str | None = None
+    """A request's: the message showing its answer while it is delivered (`Store.set_partial_reply`). Read by
+    `get_message` and the pending-request reads; None in windows, which do not need it."""
 
     def __repr__(self) -> str:
         return (

@@ -10,6 +10,7 @@ only `StorageError` for it, never the driver's error.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -27,6 +28,7 @@ from storage.models import Channel, Image, Message, MessageImage
 from storage.queries import (
     chunks,
     insert_for,
+    late_answers_statement,
     mark_answered_statement,
     message_insert_statement,
     window_with_images_statement,
@@ -119,6 +121,7 @@ class Store:
         connection can never store it twice.
         """
         self._check(msg)
+        msg = _storable(msg)
         created_at = msg.created_at or datetime.now(UTC)  # once: every attempt stores the same row
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts())
@@ -127,13 +130,17 @@ class Store:
         """Store an assistant's answer and mark the request it answers (`msg.reply_to`) "answered", together.
 
         One transaction, one commit, where `append_message` and `set_request_state` take two: this runs for
-        every answer. None (nothing stored, nothing marked) if the answer's platform id is known already.
+        every answer. None (nothing stored, nothing marked) if the answer's platform id is known already, or if
+        the request it answers is no longer stored (deleted, or its author forgotten while it was answered): an
+        answer never outlives its question. The request is marked first, which also locks its row until the
+        commit, so `forget_user` cannot erase it between that check and the answer's insert.
         """
         if msg.role != "assistant" or msg.reply_to is None:
             raise InvalidMessage(
                 detail=f"platform_id={msg.platform_id}: an answer is an assistant message with reply_to"
             )
         self._check(msg)
+        msg = _storable(msg)
         created_at = msg.created_at or datetime.now(UTC)
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts(), answered=msg.reply_to)
@@ -143,6 +150,12 @@ class Store:
     async def _append(self, msg: NewMessage, created_at: datetime, hashes: list[str],
                       attempts: _AppendAttempts, answered: str | None = None) -> StoredMessage | None:
         async with self._sessions() as session:
+            if answered is not None:
+                marked = await session.execute(mark_answered_statement(), {"answered": answered})
+                if _rowcount(marked) == 0:
+                    await session.rollback()
+                    log.info("answer platform_id=%s not stored: request %s is gone", msg.platform_id, answered)
+                    return None
             channel_id = self._channel_ids.get(msg.channel_key)
             if channel_id is None:
                 channel_id = await self._ensure_channel(session, msg.channel_key)
@@ -174,8 +187,6 @@ class Store:
                         ]
                     )
                 )
-            if answered is not None:
-                await session.execute(mark_answered_statement(), {"answered": answered})
             try:
                 await commit(session)
             except CommitInDoubt:
@@ -217,7 +228,7 @@ class Store:
             result = await session.execute(
                 update(Message)
                 .where(Message.platform_id == platform_id)
-                .values(text=text)
+                .values(text=text.replace("\x00", ""))
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
@@ -236,6 +247,21 @@ class Store:
                 update(Message)
                 .where(Message.platform_id == platform_id)
                 .values(request_state=state)
+                .execution_options(synchronize_session=False)
+            )
+            await commit(session)
+        return _rowcount(result) > 0
+
+    @retry_when_disconnected("idempotent")  # sets a fixed value
+    @retry_when_locked
+    async def set_partial_reply(self, platform_id: str, reply_id: str) -> bool:
+        """Record the message that shows request `platform_id`'s answer while it is delivered (its first part, once
+        sent), so that a restart continues in it. False if the request is not stored."""
+        async with self._sessions() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.platform_id == platform_id)
+                .values(partial_reply_id=reply_id)
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
@@ -325,6 +351,11 @@ class Store:
         """
         authored = select(Message.platform_id).where(Message.author_id == author_id)
         async with self._sessions() as session:
+            # Their messages locked first (PostgreSQL): an answer being stored holds its request's row (see
+            # `append_answer`), so this waits for it to commit, and the read below, a statement later, sees it.
+            await session.execute(
+                select(Message.id).where(Message.author_id == author_id).order_by(Message.id).with_for_update()
+            )
             ids = (
                 await session.scalars(
                     select(Message.id).where(
@@ -344,22 +375,37 @@ class Store:
 
     @retry_when_disconnected("read")
     async def recent_window(
-        self, channel_key: str, limit: int, *, before_id: int | None = None
+        self, channel_key: str, limit: int, *, before_id: int | None = None, through_id: int | None = None
     ) -> list[StoredMessage]:
         """The last `limit` messages of a channel, oldest first, with their images.
 
         `before_id`: only messages older than that id, i.e. the history as a request saw it when it
         arrived. One statement, which reads `limit` index entries and the links and images of those
         messages by key, whatever the length of the channel's history.
+
+        `through_id`: the window of the request with that id, however much the channel moved on since it
+        arrived: the last `limit` messages up to and including it, then the answers stored after it to the
+        requests among them (a second statement, see `storage.queries.late_answers_statement`), by id.
         """
         if limit <= 0:
             return []
+        if before_id is not None and through_id is not None:
+            raise ValueError("recent_window takes before_id or through_id, not both")
         params: dict[str, Any] = {"channel_key": channel_key, "limit": limit}
+        if through_id is not None:
+            before_id = through_id + 1
         if before_id is not None:
             params["before_id"] = before_id
         statement = window_with_images_statement(before=before_id is not None)
         async with self._engine.connect() as connection:
-            rows = (await connection.execute(statement, params)).all()
+            rows = list((await connection.execute(statement, params)).all())
+            if through_id is not None:
+                # Requests are the user messages with a request state (column 8); column 1 is the platform id.
+                request_ids = list(dict.fromkeys(row[1] for row in rows if row[8] is not None and row[0] != through_id))
+                if request_ids:
+                    rows.extend((await connection.execute(late_answers_statement(), {
+                        "channel_key": channel_key, "after_id": through_id, "request_ids": request_ids,
+                    })).all())
         return _window(rows, channel_key)
 
     @retry_when_disconnected("read")
@@ -597,6 +643,12 @@ class _AppendAttempts:
     """An attempt lost its connection during the COMMIT: the message may be stored already."""
 
 
+def _storable(msg: NewMessage) -> NewMessage:
+    """`msg` without NUL characters, which PostgreSQL's text cannot hold (a model's output may carry one); the
+    same on SQLite, so every database stores the same text."""
+    return dataclasses.replace(msg, text=msg.text.replace("\x00", "")) if "\x00" in msg.text else msg
+
+
 def _rowcount(result: Any) -> int:
     # DML results are CursorResults; the ORM types them as plain Result, which has no rowcount.
     return int(result.rowcount)
@@ -614,6 +666,7 @@ def _stored(row: Message, channel_key: str) -> StoredMessage:
         created_at=row.created_at,
         reply_to=row.reply_to,
         request_state=cast("RequestState | None", row.request_state),
+        partial_reply_id=row.partial_reply_id,
         images=tuple(
             StoredImage(
                 sha256=link.image.sha256,

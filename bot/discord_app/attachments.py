@@ -1,8 +1,10 @@
 """Images of a Discord message: attachments, images of embeds Discord unfurled, and direct links in its text.
 
-Every image is checked by content (`bot.images.check.check_image`, on a worker thread); what is not an image is
-skipped without a word (a PDF attached to a chat message is not an error), while an image that cannot be used
-(too large, damaged, a link that fails) is reported back so that a request can tell its author.
+Every image is checked by content (`bot.images.check.check_image`, on a worker thread). An image that cannot be
+used (too large, damaged, a link that fails) is reported back so that a request can tell its author. An attached
+file that is no image (a PDF, an SVG, a voice message, an empty file) is reported as `UnreadableFile`: not a
+reason to refuse the message, but named back to its author beside the answer. A link in the text that is no
+image (a web page) is skipped without a word.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import discord
 
 from bot.discord_app.forwards import attachments_of, contents_of, embeds_of
-from bot.errors import FetchFailed, FetchTimeout, ImageTooLarge, NotAnImage, UserInputError
+from bot.errors import FetchFailed, FetchTimeout, ImageTooLarge, NotAnImage, UnreadableFile, UserInputError
 from bot.images.check import CheckedImage, ImageLimits, check_image
 from bot.images.fetch import ImageFetcher, find_image_links
 
@@ -40,7 +42,7 @@ async def image_from_url(url: str, fetcher: ImageFetcher, limits: ImageLimits) -
 
 
 def _looks_like_image(attachment: discord.Attachment) -> bool:
-    # Only used to decide whether an oversized file deserves an error message; acceptance is by content.
+    # Only used to decide whether an oversized file deserves an image error; acceptance is by content.
     kind = attachment.content_type or ""
     return not kind or kind.startswith("image/")
 
@@ -49,6 +51,10 @@ def sent_as_spoiler(message: discord.Message) -> bool:
     """Whether an attachment of `message` (or of the message it forwards) was sent as a spoiler: a `SPOILER_`
     file name or the IS_SPOILER attachment flag (`discord.Attachment.is_spoiler` reads both)."""
     return any(a.is_spoiler() for a in attachments_of(message))
+def _surely_not_image(attachment: discord.Attachment) -> bool:
+    """Sound or video by its declared type (a voice message, a clip): not downloaded at all."""
+    kind = attachment.content_type or ""
+    return attachment.is_voice_message() or kind.startswith(("audio/", "video/"))
 
 
 def embed_image_urls(message: discord.Message) -> list[str]:
@@ -68,8 +74,8 @@ async def images_from_message(
     """Every usable image of `message`, in order (attachments, embeds, links), at most `limits.max_count`; a
     forward's are those of the message it forwards.
 
-    Returns the images and the errors of images that could not be used; never raises for bad input.
-    Non-images (by content) are skipped silently.
+    Returns the images and the errors of images that could not be used, attached files that are no image among
+    them as `UnreadableFile`; never raises for bad input. Links in the text to no image are skipped silently.
     """
     images: list[CheckedImage] = []
     errors: list[UserInputError] = []
@@ -77,12 +83,15 @@ async def images_from_message(
     for attachment in attachments:
         if len(images) >= limits.max_count:
             break
-        if attachment.size > limits.max_bytes and not _looks_like_image(attachment):
+        if _surely_not_image(attachment) or (attachment.size > limits.max_bytes and not _looks_like_image(attachment)):
+            errors.append(UnreadableFile(attachment.filename, detail=f"attachment {attachment.id}: "
+                                         f"{attachment.content_type}, {attachment.size} bytes, not read"))
             continue
         try:
             images.append(await image_from_attachment(attachment, limits))
-        except NotAnImage:
+        except NotAnImage as exc:
             log.debug("attachment %s of message %s is not an image", attachment.id, message.id)
+            errors.append(UnreadableFile(attachment.filename, detail=f"attachment {attachment.id}: {exc.detail}"))
         except UserInputError as exc:
             log.info("attachment %s of message %s unusable: %s", attachment.id, message.id, exc.detail)
             errors.append(exc)

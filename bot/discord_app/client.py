@@ -10,7 +10,9 @@ order (the pipeline's per-channel lock); answers of different channels run toget
 
 Restarts: once ready, requests a crashed run left "pending" are answered or their authors told
 (`bot.discord_app.recovery`). Shutdown (`drain`): new requests are stored but not started (they stay "pending" for the
-next start), running answers get a grace period, then are cancelled with a short notice and stay "pending".
+next start), running answers get a grace period, then are cancelled with a short notice and stay "pending". The
+first message of every answer is stored with its request as it is sent, so the next start continues in it (the cut
+off text, or the notice) instead of leaving it beside a new one.
 
 Sharding (`DISCORD_SHARDS`, `DISCORD_SHARD_IDS`): `create_bot` picks the class. Unset, `IdeficsBot` is a plain
 `commands.Bot` on one gateway connection. Set, `ShardedIdeficsBot` adds discord.py's `AutoShardedBot`: several
@@ -38,11 +40,12 @@ from bot.discord_app.cogs import EXTENSIONS
 from bot.discord_app.command_errors import IdeficsCommandTree
 from bot.discord_app.forwards import is_forward
 from bot.discord_app.gateway_guard import guard_parsers
-from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
+from bot.discord_app.incoming import channel_key, clean_text, starter_platform_id, to_incoming
+from bot.discord_app.readable import nothing_to_read, unreadable_note
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
-from bot.discord_app.replies import MessageReplySink, send_notice
+from bot.discord_app.replies import MessageReplySink, send_notice, sibling_message
 from bot.discord_app.triggers import MessageFacts, decide
-from bot.errors import RateLimited
+from bot.errors import RateLimited, UnreadableFile
 from bot.pipeline.limits import UserLimiter
 from bot.pipeline.services import Services
 from storage import NewMessage, StorageError, StoredMessage
@@ -50,8 +53,9 @@ from storage import NewMessage, StorageError, StoredMessage
 log = logging.getLogger(__name__)
 
 STORAGE_FAILED = "I could not save your message right now; please try again in a minute"
-RESTARTING = "I am restarting, please ask again in a minute"
-"""Shown in place of an answer cut off by a shutdown (the request stays "pending" for the next start)."""
+RESTARTING = "I am restarting; your answer will appear here in a minute"
+"""Shown in place of an answer cut off by a shutdown. The request stays "pending" and this message is its partial
+reply: the next start answers it by editing this message (or, past `RESUME_WINDOW_S`, asks to ask again)."""
 NOTICE_TIMEOUT_S = 5.0
 """Most time spent telling one user, at shutdown, that their answer was cut off."""
 
@@ -233,7 +237,8 @@ class IdeficsBot(commands.Bot):
         store = services.conversation.store
         key = channel_key(message.channel)
         channel_settings = await store.channel_settings(key)
-        decision = decide(await self._facts(message), answer_mode=channel_settings.answer_mode,
+        facts = await self._facts(message)
+        decision = decide(facts, answer_mode=channel_settings.answer_mode,
                           record_mode=channel_settings.record_mode, answer_dms=services.settings.answer_dms,
                           answer_bots=services.settings.answer_bots)
         if not decision.record:
@@ -241,8 +246,18 @@ class IdeficsBot(commands.Bot):
                 await asyncio.wait({previous})
             return
         images, errors = await images_from_message(message, services.fetcher, services.settings.image_limits())
+        unreadable = [e for e in errors if isinstance(e, UnreadableFile)]
+        errors = [e for e in errors if not isinstance(e, UnreadableFile)]
         if previous is not None:
             await asyncio.wait({previous})
+        if not images and not errors and not clean_text(message, self.user.id if self.user else None):
+            # Nothing the model can read (a sticker, a voice message, a poll, a file): never an empty turn, in
+            # the history or to the model; told so when it was written to the bot.
+            if decision.answer and facts.addressed:
+                log.info("message %s in channel %s: nothing to read (%d files left out)", message.id, key,
+                         len(unreadable))
+                await send_notice(message, nothing_to_read(message, unreadable))
+            return
         # A forum post is its thread's starter and its first message at once (same id): stored once, as itself.
         if isinstance(message.channel, discord.Thread) and message.id != message.channel.id:
             await self._ensure_thread_starter(message.channel)
@@ -287,7 +302,8 @@ class IdeficsBot(commands.Bot):
                 with slot:
                     log.info("request %s not started: shutting down, left pending", stored.platform_id)
                 return
-            self.spawn(self._answer(message, stored, slot), name=f"answer-{message.id}")
+            self.spawn(self._answer(message, stored, slot, note=unreadable_note(unreadable)),
+                       name=f"answer-{message.id}")
 
     async def _record_for_later(self, message: discord.Message, images: Any) -> None:
         """During shutdown: store a request as "pending" without starting it (the next start answers it)."""
@@ -301,11 +317,19 @@ class IdeficsBot(commands.Bot):
         self.spawn(self._answer(message, stored, None, recovered=True), name=f"recover-{message.id}")
 
     async def _answer(self, message: discord.Message, stored: StoredMessage,
-                      slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False) -> None:
+                      slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False,
+                      note: str = "") -> None:
+        """Answer `stored` in a reply to `message`; `note` (files left out) shows above the answer."""
         with slot if slot is not None else contextlib.nullcontext():
             # An answer about a hidden picture would give it away: it is hidden too.
             sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s,
-                                                spoiler=sent_as_spoiler(message))
+                                                spoiler=sent_as_spoiler(message), note=note)
+            conversation = self.services.conversation
+            if stored.partial_reply_id is not None:
+                # An earlier run began this answer (or said it was restarting) in that message: go on there.
+                sink.continue_in(sibling_message(message, int(stored.partial_reply_id)))
+            else:
+                sink.on_first_sent = lambda reply_id: conversation.note_partial_reply(stored, reply_id)
             try:
                 async with sink:
                     await self.services.conversation.respond(stored, sink)

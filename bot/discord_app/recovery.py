@@ -8,8 +8,8 @@ ready (channels can be resolved), each such request is first claimed, then acted
   one acts on a request. The claim comes before the action: a crash during recovery leaves the request
   "failed", so a request is retried at most once (it may be what kills the process) and never answered twice;
 - made within `RESUME_WINDOW_S` of the start: answered through the normal pipeline as a reply to the original
-  message (the pipeline marks it "answered");
-- older: a short reply saying the bot restarted and asking to ask again;
+  message (the pipeline marks it "answered"), in the message the cut-off answer had begun in, if it had one;
+- older: a short reply saying the bot restarted and asking to ask again (in that message, if there is one);
 - its channel or message is gone: left "failed", nothing is sent.
 
 Requests of the terminal (channel "console") are not Discord's and are left alone.
@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 import discord
 
 from bot.discord_app.protocol import RecoveryHost
-from bot.discord_app.replies import send_notice
+from bot.discord_app.replies import NO_MENTIONS, send_notice, sibling_message
 from storage import StorageError, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ async def recover_pending(bot: RecoveryHost, *, started_at: datetime, window_s: 
         if request.created_at < cutoff:
             log.info("request %s of an earlier run is %.0fs old: asking its author to ask again",
                      request.platform_id, (started_at - request.created_at).total_seconds())
-            await send_notice(message, RESTARTED)
+            await _tell_to_ask_again(message, request)
             told += 1
         else:
             log.info("request %s of an earlier run: answering it now", request.platform_id)
@@ -158,6 +158,18 @@ async def _find_message(channel: _Channel, request: StoredMessage) -> discord.Me
     except discord.HTTPException as exc:  # NotFound (deleted), Forbidden (no access any more), or Discord trouble
         log.info("request %s not recovered: HTTP %s (code %s)", request.platform_id, exc.status, exc.code)
         return None
+
+
+async def _tell_to_ask_again(message: discord.Message, request: StoredMessage) -> None:
+    """`RESTARTED` in the cut-off answer's message (so no stale part stays), else in a new reply."""
+    if request.partial_reply_id is not None:
+        partial = sibling_message(message, int(request.partial_reply_id))
+        try:
+            await partial.edit(content=RESTARTED, allowed_mentions=NO_MENTIONS)
+            return
+        except discord.HTTPException as exc:  # deleted meanwhile: a new reply
+            log.info("request %s: partial reply not edited: HTTP %s", request.platform_id, exc.status)
+    await send_notice(message, RESTARTED)
 
 
 async def _unclaim(bot: RecoveryHost, request: StoredMessage) -> None:

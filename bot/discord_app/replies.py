@@ -23,6 +23,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import discord
@@ -123,16 +124,26 @@ def queued_text(ahead: int) -> str:
 class _StreamedReply(abc.ABC):
     """The common part of both sinks: one or more messages that show the answer as it grows."""
 
-    def __init__(self, *, edit_interval_s: float = 1.0, spoiler: bool = False) -> None:
+    def __init__(self, *, edit_interval_s: float = 1.0, spoiler: bool = False, note: str = "") -> None:
         self.edit_interval_s = edit_interval_s
         self.spoiler = spoiler
-        """Every part shown behind `||` tags."""
+        """Every part of the answer shown behind `||` tags."""
+        self.note = note
+        """A line shown above the answer (files that could not be used); not part of the answer's text."""
         self._messages: list[Any] = []  # discord.Message / InteractionMessage / WebhookMessage, in order
         self._shown: list[str] = []  # what each of `_messages` shows now
         self._text = ""
         self._has_text = False  # False while the first message shows the queue position
         self._last_edit = -float("inf")
         self._streaming = True  # off after a failed streaming edit: only the final delivery is tried
+        self.on_first_sent: Callable[[str], Awaitable[None]] | None = None
+        """Called with the id of the first message once it is sent (the queue position, the first part of the
+        answer, or a notice): the pipeline stores it, so that a restart continues in that message."""
+
+    def continue_in(self, message: Any) -> None:
+        """Show the answer in `message` (a partial answer, or a notice, left by an earlier run) rather than in a
+        new one; a message that cannot be edited any more (deleted) is replaced by a new one at delivery."""
+        self._messages, self._shown = [message], [""]
 
     # -- what each platform does ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -216,13 +227,20 @@ class _StreamedReply(abc.ABC):
     async def _append(self, message: Any, content: str) -> None:
         self._messages.append(message)
         self._shown.append(content)
+        if len(self._messages) == 1 and self.on_first_sent is not None:
+            await self.on_first_sent(str(message.id))
 
     async def _delete(self, index: int) -> None:
         with contextlib.suppress(discord.HTTPException):
             await self._messages[index].delete()
 
     async def _show(self, text: str, *, final: bool) -> None:
-        chunks = (spoiler_parts(text) if self.spoiler else split_message(text)) or ["…"]
+        if self.spoiler:
+            chunks = spoiler_parts(text, MESSAGE_LIMIT - (len(self.note) + 1 if self.note else 0)) or ["…"]
+            if self.note:
+                chunks[0] = f"{self.note}\n{chunks[0]}"
+        else:
+            chunks = split_message(f"{self.note}\n{text}" if self.note else text) or ["…"]
         if not self._has_text:
             self._has_text = True
             await self._stop_waiting()
@@ -275,8 +293,8 @@ class MessageReplySink(_StreamedReply):
     """
 
     def __init__(self, channel: discord.abc.Messageable, reference: discord.MessageReference | None, *,
-                 edit_interval_s: float = 1.0, spoiler: bool = False) -> None:
-        super().__init__(edit_interval_s=edit_interval_s, spoiler=spoiler)
+                 edit_interval_s: float = 1.0, spoiler: bool = False, note: str = "") -> None:
+        super().__init__(edit_interval_s=edit_interval_s, spoiler=spoiler, note=note)
         self.channel = channel
         self.reference = reference
         self._typing: asyncio.Task[None] | None = None
@@ -284,9 +302,9 @@ class MessageReplySink(_StreamedReply):
 
     @classmethod
     def for_message(cls, message: discord.Message, *, edit_interval_s: float = 1.0,
-                    spoiler: bool = False) -> MessageReplySink:
+                    spoiler: bool = False, note: str = "") -> MessageReplySink:
         return cls(message.channel, message.to_reference(fail_if_not_exists=False),
-                   edit_interval_s=edit_interval_s, spoiler=spoiler)
+                   edit_interval_s=edit_interval_s, spoiler=spoiler, note=note)
 
     async def __aenter__(self) -> MessageReplySink:
         self._typing = asyncio.create_task(self._keep_typing(), name="typing-indicator")
@@ -341,3 +359,8 @@ async def send_notice(message: discord.Message, text: str) -> discord.Message | 
     except discord.HTTPException as exc:
         log.warning("notice to message %s not delivered: HTTP %s (code %s)", message.id, exc.status, exc.code)
         return None
+
+
+def sibling_message(message: discord.Message, message_id: int) -> discord.PartialMessage:
+    """Another message of `message`'s channel, by id: to edit it without fetching it first."""
+    return discord.PartialMessage(channel=message.channel, id=message_id)

@@ -28,6 +28,14 @@ class MessageFacts:
     is_forward: bool = False
     """A forwarded message: someone else's words, which cannot mention the bot and reply to nothing."""
 
+    @property
+    def addressed(self) -> bool:
+        """Written to the bot: a DM, a mention, a reply to it (not merely a message in an "always" channel).
+        A forward is someone else's words: only forwarding it into a DM addresses it to the bot."""
+        if self.is_forward:
+            return self.is_dm
+        return self.is_dm or self.mentions_bot or self.replies_to_bot
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -52,10 +60,9 @@ def decide(facts: MessageFacts, *, answer_mode: AnswerMode | None, record_mode: 
     if facts.is_dm and not answer_dms:
         return IGNORE
     if facts.is_forward:
-        wanted = facts.is_dm
+        wanted = facts.addressed  # a DM only: an "always" channel does not answer forwards
     else:
-        addressed = facts.mentions_bot or facts.replies_to_bot or facts.is_dm
-        wanted = addressed or (answer_mode or DEFAULT_ANSWER_MODE) == "always"
+        wanted = facts.addressed or (answer_mode or DEFAULT_ANSWER_MODE) == "always"
     # Two bots that answer each other would never stop: other bots are context unless explicitly allowed.
     answer = wanted and (not facts.from_bot or answer_bots)
     record = answer or (record_mode or DEFAULT_RECORD_MODE) == "all"

@@ -33,6 +33,13 @@ from storage import ChannelSettings, ImageBlob, NewMessage, StorageError, Store,
 log = logging.getLogger(__name__)
 
 EMPTY_ANSWER = "(the model gave an empty answer; try rephrasing)"
+NUL = "\x00"
+"""Left out of what the model writes: a chat shows nothing for it, and PostgreSQL's text cannot hold it (the answer
+shown and the answer stored must be the same text)."""
+WITHDRAWN = "(stopped: you asked me to forget you)"
+"""Shown in place of an answer stopped by its author's `forget_user`."""
+WITHDRAW_WAIT_S = 10.0
+"""Most time `forget_user` waits for the author's stopped requests to end (a model step, a last edit)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,21 @@ class ReplySink(Protocol):
         """Tell the user, briefly, that no answer will come."""
 
 
+@dataclass(eq=False)
+class _LiveRequest:
+    """A request between `respond` and its end: waiting its channel's turn, or at the model."""
+
+    handle: RequestHandle | None = None
+    withdrawn: bool = False
+    """Its author asked to be forgotten: stop it, store nothing, show `WITHDRAWN`."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def withdraw(self) -> None:
+        self.withdrawn = True
+        if self.handle is not None:
+            self.handle.cancel()
+
+
 @dataclass
 class _ChannelTurn:
     """One channel's lock and how many requests hold it or wait for it (dropped when none do)."""
@@ -139,6 +161,8 @@ class Conversation:
         self.assistant_id = assistant_id
         self.assistant_name = assistant_name
         self._locks: dict[str, _ChannelTurn] = {}
+        self._live: dict[str, set[_LiveRequest]] = {}
+        """Author id -> their requests waiting or running, so that `forget_user` can stop them."""
         self.images = DecodedImages()
         self._owed: dict[str, str] = {}
         """Request states that could not be written (database away): written with the next success, so an
@@ -172,7 +196,9 @@ class Conversation:
     async def prompt_for(self, request: StoredMessage) -> Prompt:
         settings = await self.store.channel_settings(request.channel_key)
         params = self.params_for(settings)
-        window = await self.store.recent_window(request.channel_key, self.defaults.history_messages)
+        # Ends at the request, however many messages came while it waited its turn (a busy channel).
+        window = await self.store.recent_window(request.channel_key, self.defaults.history_messages,
+                                                through_id=request.id)
         turns = self.turns(conversation_order(window, request))
         render = functools.partial(
             render_chat, turns, instruct=self.model.instruct,
@@ -225,44 +251,83 @@ class Conversation:
         # Counted, not `lock.locked()`: between a release and the next waiter waking the lock reads as free,
         # and dropping it then would let a later request of the channel take a new lock and overtake.
         turn.users += 1
+        live = _LiveRequest()
+        self._live.setdefault(request.author_id, set()).add(live)
         try:
             async with turn.lock:
-                return await self._respond(request, sink)
+                if live.withdrawn:
+                    await sink.failed(WITHDRAWN)
+                    return None
+                return await self._respond(request, sink, live)
         finally:
             turn.users -= 1
             if turn.users == 0 and self._locks.get(key) is turn:
                 del self._locks[key]
+            mine = self._live.get(request.author_id)
+            if mine is not None:
+                mine.discard(live)
+                if not mine:
+                    del self._live[request.author_id]
+            live.ended.set()
 
-    async def _respond(self, request: StoredMessage, sink: ReplySink) -> Reply | None:
+    async def forget_user(self, author_id: str) -> int:
+        """Erase everything of `author_id` (`Store.forget_user`); returns how many messages went.
+
+        Their requests waiting or running are stopped first (the backend cancels those at the model), and this
+        returns once they ended: afterwards nothing of theirs is generated or stored. An answer already being
+        delivered is not stored either: the store refuses an answer whose question is gone.
+        """
+        stopped = list(self._live.get(author_id, ()))
+        for live in stopped:
+            live.withdraw()
+        removed = await self.store.forget_user(author_id)
+        if stopped:
+            log.info("forgetting author %s: %d requests stopped", author_id, len(stopped))
+            ended = [asyncio.ensure_future(live.ended.wait()) for live in stopped]
+            _, late = await asyncio.wait(ended, timeout=WITHDRAW_WAIT_S)
+            for waiter in late:
+                waiter.cancel()
+            if late:
+                log.warning("forgetting author %s: %d stopped requests still ending", author_id, len(late))
+        return removed
+
+    async def _respond(self, request: StoredMessage, sink: ReplySink, live: _LiveRequest) -> Reply | None:
         started = time.monotonic()
         try:
             prompt = await self.prompt_for(request)
             if self.executor is None:
                 raise ModelServerError(user_message="no model is loaded", detail="no executor")
-            handle = self.executor.submit(prompt)
+            if live.withdrawn:  # forgotten while the prompt was read
+                await sink.failed(WITHDRAWN)
+                return None
+            handle = live.handle = self.executor.submit(prompt)
             try:
                 await report_queue(handle, sink)
                 async for delta in handle:
-                    await sink.delta(delta)
+                    await sink.delta(delta.replace(NUL, ""))
                 result = await handle.result()
             except BaseException:
                 handle.cancel()
                 raise
-            text = result.text if result.text.strip() else EMPTY_ANSWER
+            text = result.text.replace(NUL, "")
+            text = text if text.strip() else EMPTY_ANSWER
             if result.finish_reason is FinishReason.CANCELLED:
-                await self._mark(request, "failed")
+                if live.withdrawn:
+                    await sink.failed(WITHDRAWN)
+                else:
+                    await self._mark(request, "failed")
                 return None
             reply = await sink.finish(text, result)
         except (PromptError, ModelServerError, StorageError) as exc:
             log.warning("request %s in channel %s not answered: %s", request.platform_id, request.channel_key,
                         type(exc).__name__)
             await self._mark(request, "failed")
-            await sink.failed(user_message(exc))
+            await sink.failed(WITHDRAWN if live.withdrawn else user_message(exc))
             return None
         except Exception as exc:
             log.exception("request %s in channel %s failed", request.platform_id, request.channel_key)
             await self._mark(request, "failed")
-            await sink.failed(user_message(exc))
+            await sink.failed(WITHDRAWN if live.withdrawn else user_message(exc))
             return None
         await self.store_answer(request, reply)
         log.info("request %s answered: %d chars, %s, %.2fs", request.platform_id, len(text),
@@ -292,6 +357,14 @@ class Conversation:
                         await self.settle_owed_states()
                     return
         await self._mark(request, "answered")
+
+    async def note_partial_reply(self, request: StoredMessage, reply_id: str) -> None:
+        """The message that will show `request`'s answer was sent: remember it, so a restart continues in it."""
+        try:
+            await self.store.set_partial_reply(request.platform_id, reply_id)
+        except StorageError as exc:  # a restart would then answer in a new message: worth no failure now
+            log.warning("request %s: partial reply %s not stored: %s", request.platform_id, reply_id,
+                        type(exc).__name__)
 
     async def _mark(self, request: StoredMessage, state: str) -> None:
         self._owed[request.platform_id] = state

@@ -127,6 +127,33 @@ async def test_window_before_id_is_the_history_as_the_request_saw_it(store: Stor
     assert await store.recent_window("100", 10, before_id=ids["0"]) == []
 
 
+async def test_window_through_a_request_ends_at_it_with_the_answers_stored_since(store: Store) -> None:
+    """A request that waited its turn while the channel moved on: its window ends at it, and still holds the
+    answer to the request before it, stored (so numbered) after it."""
+    await store.append_message(message("q1", request_state="pending"))
+    q2 = await store.append_message(message("q2", request_state="pending"))
+    assert q2 is not None
+    for i in range(5):
+        await store.append_message(message(f"later-{i}", author="u2"))
+    await store.append_answer(message("a1", role="assistant", author="bot", reply_to="q1"))
+    await store.append_message(message("a-stranger", role="assistant", author="bot", reply_to="later-0"))
+
+    window = await store.recent_window("100", 3, through_id=q2.id)
+
+    assert [m.platform_id for m in window] == ["q1", "q2", "a1"]
+    assert [m.platform_id for m in await store.recent_window("100", 1, through_id=q2.id)] == ["q2"]
+    assert [m.platform_id for m in await store.recent_window("100", 3)] == ["later-4", "a1", "a-stranger"]
+
+
+async def test_nul_characters_are_left_out_on_every_database(store: Store) -> None:
+    """PostgreSQL's text cannot hold NUL: a model's answer carrying one is stored without it, not refused."""
+    await store.append_message(message("q", text="a\x00b", request_state="pending"))
+    stored = await store.append_answer(message("a", role="assistant", author="bot", reply_to="q", text="c\x00d"))
+    assert stored is not None and stored.text == "cd"
+    assert await store.edit_message("q", "e\x00f")
+    assert [m.text for m in await store.recent_window("100", 10)] == ["ef", "cd"]
+
+
 async def test_edit_message(store: Store) -> None:
     await store.append_message(message("1", text="before", images=(RED,)))
 
@@ -193,6 +220,37 @@ async def test_forget_user_everywhere_with_the_answers_to_them(database: Databas
     assert [m.platform_id for m in await store.recent_window("200", 10)] == ["b2"]  # bob's reply stays
     assert await image_count(database) == 1  # GREEN (bob's) remains; RED and BLUE went
     assert await store.forget_user("alice") == 0
+
+
+async def test_an_answer_whose_question_was_erased_is_not_stored(store: Store) -> None:
+    """Checked in the answer's own transaction: the question forgotten (or deleted) while it was answered."""
+    await store.append_message(message("q1", author="alice", request_state="pending"))
+    await store.append_message(message("q2", author="alice", request_state="pending"))
+    assert await store.forget_user("alice") == 2
+
+    assert await store.append_answer(message("a1", role="assistant", author="bot", reply_to="q1")) is None
+
+    await store.append_message(message("q3", author="bob", request_state="pending"))
+    await store.delete_message("q3")
+    assert await store.append_answer(message("a3", role="assistant", author="bot", reply_to="q3")) is None
+    assert await store.get_message("a1") is None and await store.get_message("a3") is None
+    assert await store.recent_window("100", 10) == []
+    # A question still there is answered as before.
+    await store.append_message(message("q4", author="bob", request_state="pending"))
+    assert await store.append_answer(message("a4", role="assistant", author="bot", reply_to="q4")) is not None
+    assert (await store.get_message("q4")).request_state == "answered"  # type: ignore[union-attr]
+
+
+async def test_the_partial_reply_of_a_request_is_kept_for_a_restart(store: Store) -> None:
+    await store.append_message(message("q1", request_state="pending", created_at=datetime.now(UTC)))
+    assert (await store.get_message("q1")).partial_reply_id is None  # type: ignore[union-attr]
+
+    assert await store.set_partial_reply("q1", "r1") is True
+    assert await store.set_partial_reply("missing", "r2") is False
+
+    assert (await store.get_message("q1")).partial_reply_id == "r1"  # type: ignore[union-attr]
+    [pending] = await store.pending_requests_before(datetime.now(UTC) + timedelta(seconds=1))
+    assert pending.platform_id == "q1" and pending.partial_reply_id == "r1"
 
 
 async def test_request_states_and_pending_requests(store: Store) -> None:

@@ -35,7 +35,7 @@ async def test_database_is_at_the_head_revision(database: Database) -> None:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     async with database.engine.connect() as connection:
         current = await connection.scalar(text("SELECT version_num FROM alembic_version"))
-    assert current == head == "0001"
+    assert current == head == "0002"
 
 
 async def test_sqlite_pragmas_on_every_connection(sqlite_database: Database) -> None:
@@ -126,3 +126,24 @@ def test_storage_imports_no_discord_torch_or_transformers() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+async def test_a_database_of_the_first_schema_is_upgraded_with_its_rows(tmp_path: Path) -> None:
+    """0001 -> 0002 (`messages.partial_reply_id`): a pending request of the old schema stays, with no partial."""
+    from alembic import command
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'old.sqlite3'}"
+    engine = create_async_engine(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(lambda sync: command.upgrade(alembic_config(sync), "0001"))
+        await connection.execute(text("INSERT INTO channels (key, created_at) VALUES ('100', '2026-01-01')"))
+        await connection.execute(text(
+            "INSERT INTO messages (platform_id, channel_id, role, author_id, author_name, text, created_at, "
+            "request_state) VALUES ('1', 1, 'user', 'u', 'u', 'hello', '2026-01-01', 'pending')"))
+    await engine.dispose()
+    async with open_database(url) as db:
+        old = await db.store.get_message("1")
+        assert old is not None and old.request_state == "pending" and old.partial_reply_id is None
+        assert await db.store.set_partial_reply("1", "2")
+        assert (await db.store.get_message("1")).partial_reply_id == "2"  # type: ignore[union-attr]

@@ -212,7 +212,8 @@ class ChannelCommands(CommandCog):
     @app_commands.command(name="forget-me", description="Delete everything this bot stored about you, everywhere")
     async def forget_me(self, interaction: discord.Interaction) -> None:
         async def work(sink: InteractionReplySink) -> None:
-            removed = await self.services.database.store.forget_user(str(interaction.user.id))
+            # Through the conversation: the caller's answers being generated are stopped too, not stored after.
+            removed = await self.services.conversation.forget_user(str(interaction.user.id))
             noun = "message" if removed == 1 else "messages"
             await self.send_text(interaction, f"Done: {removed} {noun} of yours (and the answers to them) deleted.",
                                  ephemeral=True)

@@ -710,6 +710,13 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", payload)
         return record
 
+    async def send_message_payload(self, payload: dict[str, Any]) -> MessageRecord:
+        """Store a user's message given as its whole payload (built by `message_payload`, then given fields
+        Discord documents that the builder has no argument for) and dispatch MESSAGE_CREATE for it."""
+        record = self._store(MessageRecord(payload, kind="user"))
+        await self.dispatch("MESSAGE_CREATE", payload)
+        return record
+
     async def dispatch_message_update(self, message: MessageRecord | int, **changes: Any) -> MessageRecord:
         record = self.messages[message if isinstance(message, int) else message.id]
         record.payload.update(changes)

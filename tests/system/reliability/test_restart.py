@@ -67,6 +67,41 @@ async def test_killed_mid_answer_is_answered_once_after_restart(
     assert window[1].text == answer.content and window[1].reply_to == str(asked.id)
 
 
+async def test_killed_past_the_first_chunk_continues_in_the_cut_off_message(
+    fake_discord: FakeDiscord, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """The first part of the answer is out, then the process is killed: the restart edits that message into the
+    whole answer, and sends no second one."""
+    fake, world = fake_discord, fake_discord.world
+    url = sqlite_url(tmp_path)
+    env = bot_env(fake, tiny_model_path, url)
+    edits = f"/channels/{world.general.id}/messages/{{id}}"
+    async with bot_process(env, tmp_path, "first") as first:
+        await first.wait_ready()
+        # The first edit after the first message hangs (and the answer with it): the kill lands past the first
+        # streamed chunk.
+        fake.inject_fault("PATCH", edits, status=503, delay=600)
+        asked = await fake.send_message_as(world.member, world.general, "describe a cat", mentions_bot=True)
+        partial = await fake.wait_for_message(world.general, lambda m: is_reply_to(m, asked), 60)
+        await fake.wait_for(lambda: fake.requests_to("PATCH", edits), 60, "the answer's first edit")
+        cut_off = await stored(url, str(asked.id))
+        assert cut_off is not None and cut_off.partial_reply_id == str(partial.id)
+        await first.kill()
+    shown = partial.content
+
+    async with bot_process(env, tmp_path, "second") as second:
+        await wait_for_state(url, asked, "answered")
+        await second.wait_ready()
+        await asyncio.sleep(0.5)  # room for a second answer, if there were one
+        assert [m.id for m in replies_to(fake, asked)] == [partial.id]
+        assert partial.content != shown and partial.edits
+        assert await second.stop() == 0
+    async with open_database(url) as db:
+        window = await db.store.recent_window(str(world.general.id), 10)
+    assert [(m.role, m.platform_id) for m in window] == [("user", str(asked.id)), ("assistant", str(partial.id))]
+    assert window[1].text == partial.content
+
+
 async def test_old_requests_are_told_to_ask_again_and_a_clean_restart_sends_nothing(
     fake_discord: FakeDiscord, tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -70,7 +70,7 @@ async def test_sigterm_lets_the_running_answer_finish_and_exits_0(
     assert left is not None and left.request_state == "pending"
 
 
-async def test_sigint_past_the_grace_cancels_tells_the_user_and_the_restart_answers(
+async def test_sigint_past_the_grace_cancels_tells_the_user_and_the_restart_answers_in_that_message(
     fake_discord: FakeDiscord, tiny_model_path: Path, tmp_path: Path
 ) -> None:
     fake, world = fake_discord, fake_discord.world
@@ -87,12 +87,17 @@ async def test_sigint_past_the_grace_cancels_tells_the_user_and_the_restart_answ
     assert notice.content == RESTARTING and notice.allowed_mentions == {"parse": []}
     cut_off = await stored(url, str(asked.id))
     assert cut_off is not None and cut_off.request_state == "pending"
+    assert cut_off.partial_reply_id == str(notice.id)
 
+    # The notice promised the answer: the restart gives it, in that very message (no "ask again", no second one).
     async with bot_process(bot_env(fake, tiny_model_path, url), tmp_path, "second") as bot:
-        answer = await fake.wait_for_message(world.dm, lambda m: final_answer(asked)(m) and m.id != notice.id, 120)
         await wait_for_state(url, asked, "answered")
         await bot.wait_ready()
-        assert [m.id for m in replies_to(fake, asked)] == [notice.id, answer.id]
+        assert [m.id for m in replies_to(fake, asked)] == [notice.id]
+        assert notice.content != RESTARTING and final_answer(asked)(notice)
+        assert all(e.get("allowed_mentions") == {"parse": []} for e in fake.edits_of(notice))
+        answer = await stored(url, str(notice.id))
+        assert answer is not None and answer.role == "assistant" and answer.text == notice.content
         assert await bot.stop() == 0
 
 
