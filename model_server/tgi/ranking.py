@@ -15,7 +15,8 @@ from typing import Any
 
 from model_server.backend import rank_by_scores
 from model_server.errors import GenerationFailed
-from model_server.tgi.client import FAILED_MESSAGE, TgiClient
+from model_server.remote.http import FAILED_MESSAGE
+from model_server.tgi.client import TgiClient
 from model_server.types import RankedCategory
 
 PARAMETERS: dict[str, Any] = {"max_new_tokens": 1, "details": True, "decoder_input_details": True,
