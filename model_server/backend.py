@@ -255,3 +255,15 @@ def rank_by_scores(categories: Sequence[str], scores: Sequence[float]) -> list[R
         (RankedCategory(c, w / total, s) for c, w, s in zip(categories, weights, scores, strict=True)),
         key=lambda r: r.probability, reverse=True,
     )
+
+
+def continuation_score(ids: Sequence[int], logprobs: Sequence[float], prompt_ids: Sequence[int]) -> float:
+    """The summed log-probabilities of the tokens of `ids` (prompt then category, each token's log-probability
+    in `logprobs`) from the first token where they leave `prompt_ids`, the prompt's own tokens.
+
+    A tokenizer may merge across the boundary, and then that merged token is scored too, as the local engine does.
+    """
+    common = next((k for k, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b),
+                  min(len(ids), len(prompt_ids)))
+    common = max(1, min(common, len(ids) - 1))
+    return sum(logprobs[common:])

@@ -49,6 +49,7 @@ from model_server.errors import (
     ServerUnavailable,
     StreamBroken,
 )
+from model_server.prompt import END_OF_UTTERANCE
 from model_server.remote.http import FAILED_MESSAGE
 from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
 
@@ -71,6 +72,13 @@ class StreamProgress:
     completion_tokens: int = 0
     first_token_at: float | None = None
     """The event loop's clock at the first token."""
+
+
+def stop_reason(raw: str, stops: Sequence[str]) -> FinishReason:
+    """END_OF_UTTERANCE when `<end_of_utterance>` is the first stop string in `raw`, else STOP_STRING."""
+    found = [(raw.find(s), s) for s in stops if s and raw.find(s) >= 0]
+    first = min(found)[1] if found else ""
+    return FinishReason.END_OF_UTTERANCE if first == END_OF_UTTERANCE else FinishReason.STOP_STRING
 
 
 @dataclass(eq=False, kw_only=True)

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from model_server.backend import rank_by_scores
+from model_server.backend import continuation_score, rank_by_scores
 from model_server.errors import GenerationFailed
 from model_server.remote.http import FAILED_MESSAGE
 from model_server.tgi.client import TgiClient
@@ -42,12 +42,7 @@ class Ranker:
         for category in categories:
             prefill = await self._prefill(await body(" " + category))
             ids = [int(t.get("id", -1)) for t in prefill]
-            # Score from the first token where the full text's tokens leave the prompt's (a tokenizer may
-            # merge across the boundary, and then that merged token is scored too), as the local engine does.
-            common = next((k for k, (a, b) in enumerate(zip(ids, base_ids, strict=False)) if a != b),
-                          min(len(ids), len(base_ids)))
-            common = max(1, min(common, len(ids) - 1))
-            scores.append(sum(float(t.get("logprob") or 0.0) for t in prefill[common:]))
+            scores.append(continuation_score(ids, [float(t.get("logprob") or 0.0) for t in prefill], base_ids))
         return rank_by_scores(categories, scores)
 
     async def _prefill(self, body: bytes) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from model_server.errors import GenerationFailed
 from model_server.prompt import END_OF_UTTERANCE
-from model_server.remote.backend import StreamProgress
+from model_server.remote.backend import StreamProgress, stop_reason
 from model_server.remote.http import FAILED_MESSAGE
 from model_server.streaming import TextAssembler
 from model_server.types import FinishReason
@@ -73,10 +73,3 @@ async def read_answer(events: AsyncIterator[dict[str, Any]], stop_strings: Seque
 def _send(on_delta: Callable[[str], None], delta: str) -> None:
     if delta:
         on_delta(delta)
-
-
-def stop_reason(raw: str, stops: Sequence[str]) -> FinishReason:
-    """END_OF_UTTERANCE when `<end_of_utterance>` is the first stop string in `raw`, else STOP_STRING."""
-    found = [(raw.find(s), s) for s in stops if s and raw.find(s) >= 0]
-    first = min(found)[1] if found else ""
-    return FinishReason.END_OF_UTTERANCE if first == END_OF_UTTERANCE else FinishReason.STOP_STRING

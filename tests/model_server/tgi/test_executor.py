@@ -9,11 +9,10 @@ import re
 import pytest
 
 from model_server import tasks
-from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelLoadError, RequestTimeout
+from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelLoadError, RequestRejected, RequestTimeout
 from model_server.prompt import CHAT_STOP, END_OF_UTTERANCE, prompt_text, render_chat
-from model_server.tgi import TgiConfig, TgiExecutor
-from model_server.errors import RequestRejected
 from model_server.remote.http import CUT_MESSAGE, OVERLOADED_MESSAGE, TOO_LONG_MESSAGE
+from model_server.tgi import TgiConfig, TgiExecutor
 from model_server.types import ChatTurn, FinishReason, GenerationParams, Prompt
 from tests.conftest import noise_image
 from tests.fakes.tgi import EOS, EOU, FakeTgi, Plan, words
