@@ -2,8 +2,9 @@
 
 `GenerationBackend` is what front ends (Discord, the terminal, metrics, health) know of a backend; they are typed
 against it and nothing else. Three classes keep it: `executor.Executor` (an in-process model on its own thread),
-`replicas.ReplicaPool` (several of those, used as one) and `tgi.TgiExecutor` (a text-generation-inference
-server). Only the code that opens backends (`bot.runtime`) names them.
+`replicas.ReplicaPool` (several of those, used as one), `tgi.TgiExecutor` (a text-generation-inference
+server) and `openai.OpenAIExecutor` (an OpenAI-compatible server); the last two share `remote.backend`. Only the
+code that opens backends (`bot.pipeline.services`) names them.
 
 Shared here: the request (`Job`) and the handle a caller holds for it (`RequestHandle`), the figures a backend
 reports (`ExecutorStats`, `BatchRecord`), settling a request on its event loop (`resolve_job`, `deliver_deltas`),

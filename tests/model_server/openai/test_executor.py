@@ -161,7 +161,7 @@ async def test_rank_falls_back_to_generation_where_there_are_no_prompt_logprobs(
                 ranked = await backend.rank(prompt, categories)
                 again = await backend.rank(prompt, categories)
         assert fake.problems == []
-    assert [r.category for r in ranked][0] == "cat" and ranked[0].probability == 1.0
+    assert ranked[0].category == "cat" and ranked[0].probability == 1.0
     assert all(r.by_generation for r in ranked) and again == ranked
     assert "falls back to generation" in caplog.text
     # One refused probe (OpenAI refuses vLLM's fields), then one plain answer per rank.
