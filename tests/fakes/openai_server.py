@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,3 +381,28 @@ def _sse(event: dict[str, Any]) -> bytes:
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": status}},
                              status=status, headers=headers)
+
+
+@contextlib.contextmanager
+def serving_in_thread(**options: Any) -> Iterator[FakeOpenAI]:
+    """A fake server on a thread and event loop of its own, for code that runs `asyncio.run` itself."""
+    loop = asyncio.new_event_loop()
+    fake = FakeOpenAI(**options)
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(fake.__aenter__())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, name="fake-openai", daemon=True)
+    thread.start()
+    assert started.wait(10), "the fake server did not start"
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.__aexit__(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -1,11 +1,9 @@
 """Fixtures for the OpenAI-compatible backend: a loopback fake server -> a config with short timeouts -> an
-executor; and the same fake on a thread of its own, for the terminal commands (which run their own event loop)."""
+executor."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -33,27 +31,3 @@ def short_config(url: str, **overrides) -> OpenAIConfig:
 async def openai_backend(fake_openai: FakeOpenAI) -> AsyncIterator[OpenAIExecutor]:
     async with OpenAIExecutor(short_config(fake_openai.url)) as executor:
         yield executor
-
-
-@pytest.fixture
-def threaded_fake_openai() -> Iterator[FakeOpenAI]:
-    """A fake server on its own thread and loop, for code that calls `asyncio.run` itself."""
-    loop = asyncio.new_event_loop()
-    fake = FakeOpenAI()
-    started = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(fake.__aenter__())
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(fake.__aexit__(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
-    assert fake.problems == []
