@@ -12,7 +12,6 @@ from model_server.neutralize import neutralize
 from model_server.openai import OpenAIExecutor
 from tests.bot.pipeline.test_pipeline import RecordingSink, message
 from tests.fakes.openai_server import MODEL_ID, FakeOpenAI
-from tests.model_server.openai.conftest import fake_openai  # noqa: F401
 
 
 def settings_for(tmp_path: Path, **values) -> Settings:
@@ -21,8 +20,7 @@ def settings_for(tmp_path: Path, **values) -> Settings:
     return Settings(_env_file=None, **{**base, **values})  # type: ignore[call-arg]
 
 
-async def test_switching_to_the_openai_backend_keeps_history_and_settings(tmp_path: Path, tiny_model_path: Path,
-                                                                          fake_openai: FakeOpenAI):
+async def test_switching_to_the_openai_backend_keeps_history_and_settings(tmp_path: Path, tiny_model_path: Path):
     local = settings_for(tmp_path, generation_backend="local", idefics_model=str(tiny_model_path),
                          idefics_device="cpu")
     async with open_services(local) as services:
@@ -36,6 +34,20 @@ async def test_switching_to_the_openai_backend_keeps_history_and_settings(tmp_pa
         settings_before = await store.channel_settings("c1")
     assert [role for role, _ in before] == ["user", "assistant", "user", "assistant"]
 
+    async with FakeOpenAI() as fake_openai:
+        await _answer_after_the_switch(tmp_path, fake_openai, before, settings_before)
+        assert fake_openai.problems == []
+    [got] = fake_openai.requests
+    # The same window: the system prompt, both earlier exchanges (with the image), then the new message.
+    assert [m["role"] for m in got.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert got.messages[0]["content"] == "Answer like a pirate."
+    # (The tiny model's random answers, as the prompt renderer places any stored text: neutralised.)
+    shown = [neutralize(before[1][1]).strip(), neutralize(before[3][1]).strip()]
+    assert [m["content"] for m in got.messages if m["role"] == "assistant"] == shown
+    assert len(got.images) == 1 and got.body["max_tokens"] == 20
+
+
+async def _answer_after_the_switch(tmp_path: Path, fake_openai: FakeOpenAI, before: list, settings_before) -> None:
     remote = settings_for(tmp_path, generation_backend="openai", openai_base_url=fake_openai.url,
                           openai_model=MODEL_ID)
     async with open_services(remote) as services:
@@ -46,11 +58,3 @@ async def test_switching_to_the_openai_backend_keeps_history_and_settings(tmp_pa
         sink = RecordingSink("answer-m3")
         await services.conversation.handle(message("m3", "and now?"), sink)
         assert sink.final == "This picture shows some noise."
-    [got] = fake_openai.requests
-    # The same window: the system prompt, both earlier exchanges (with the image), then the new message.
-    assert [m["role"] for m in got.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert got.messages[0]["content"] == "Answer like a pirate."
-    # (The tiny model's random answers, as the prompt renderer places any stored text: neutralised.)
-    shown = [neutralize(before[1][1]).strip(), neutralize(before[3][1]).strip()]
-    assert [m["content"] for m in got.messages if m["role"] == "assistant"] == shown
-    assert len(got.images) == 1 and got.body["max_tokens"] == 20
