@@ -14,10 +14,10 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from model_server.errors import GenerationFailed
+from model_server.errors import StreamBroken
 from model_server.prompt import END_OF_UTTERANCE
 from model_server.remote.backend import StreamProgress, stop_reason
-from model_server.remote.http import FAILED_MESSAGE
+from model_server.remote.http import CUT_MESSAGE
 from model_server.streaming import TextAssembler
 from model_server.types import FinishReason
 
@@ -67,7 +67,9 @@ async def read_answer(events: AsyncIterator[dict[str, Any]], stop_strings: Seque
             reason = stop_reason("".join(pieces), stops)
             break
     if reason is None:
-        raise GenerationFailed(FAILED_MESSAGE, detail="OpenAI-compatible stream ended without a finish reason")
+        # `[DONE]` with no finish reason: the server dropped the answer (llama.cpp's server does so to an answer
+        # when another request comes, unless started with `--interrupt_requests false`).
+        raise StreamBroken(CUT_MESSAGE, detail="OpenAI-compatible stream ended without a finish reason")
     _send(on_delta, assembler.finish())
     return assembler.text, reason
 

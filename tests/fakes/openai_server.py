@@ -59,6 +59,15 @@ DATA_URL = re.compile(r"data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)")
 
 
 @dataclass
+class ChatPlan(Plan):
+    """A `Plan` with what only a chat-completions server does."""
+
+    done_without_finish_after: int | None = None
+    """Stream this many tokens, then `[DONE]` without a finish reason (llama.cpp's server, when another request
+    interrupts the answer)."""
+
+
+@dataclass
 class ChatRequest:
     """One chat request the fake answered."""
 
@@ -327,6 +336,9 @@ class FakeOpenAI:
                     await asyncio.sleep(0.05)
                     yield b": keep-alive\n\n"
             if i == plan.cut_after:
+                return
+            if i == getattr(plan, "done_without_finish_after", None):
+                yield b"data: [DONE]\n\n"
                 return
             if i == plan.error_event_after:
                 yield _sse({"error": {"message": plan.error_event_text, "type": "InternalServerError",

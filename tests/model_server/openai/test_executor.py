@@ -10,14 +10,21 @@ import math
 import pytest
 
 from model_server import tasks
-from model_server.errors import GenerationFailed, ModelLoadError, RequestRejected, RequestTimeout, ServerUnavailable
+from model_server.errors import (
+    GenerationFailed,
+    ModelLoadError,
+    RequestRejected,
+    RequestTimeout,
+    ServerUnavailable,
+    StreamBroken,
+)
 from model_server.openai import OpenAIExecutor
 from model_server.openai.client import KEY_REFUSED_MESSAGE, UNKNOWN_MODEL_MESSAGE
 from model_server.prompt import CHAT_STOP, render_chat
 from model_server.remote.http import CUT_MESSAGE, OVERLOADED_MESSAGE, TOO_LONG_MESSAGE
 from model_server.types import ChatTurn, FinishReason, GenerationParams, Prompt
 from tests.conftest import noise_image
-from tests.fakes.openai_server import MAX_MODEL_LEN, MODEL_ID, FakeOpenAI
+from tests.fakes.openai_server import MAX_MODEL_LEN, MODEL_ID, ChatPlan, FakeOpenAI
 from tests.fakes.tgi import EOS, EOU, Plan, words
 from tests.model_server.openai.conftest import short_config
 
@@ -249,6 +256,15 @@ async def test_cut_mid_stream_fails_clearly_without_retry(openai_backend: OpenAI
     with pytest.raises(Exception) as failed:
         await handle.result()
     assert getattr(failed.value, "user_message", "") == CUT_MESSAGE and len(fake_openai.requests) == 1
+
+
+async def test_a_stream_done_without_a_finish_reason_is_a_cut_answer(openai_backend: OpenAIExecutor,
+                                                                     fake_openai: FakeOpenAI):
+    # llama.cpp's server ends an answer so (`[DONE]`, no finish reason) when another request interrupts it.
+    fake_openai.plans.append(ChatPlan(done_without_finish_after=2))
+    with pytest.raises(StreamBroken) as failed:
+        await openai_backend.generate(chat())
+    assert failed.value.user_message == CUT_MESSAGE and len(fake_openai.requests) == 1
 
 
 async def test_error_event_mid_stream_fails(openai_backend: OpenAIExecutor, fake_openai: FakeOpenAI):
