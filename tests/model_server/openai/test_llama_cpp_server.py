@@ -5,7 +5,8 @@ What this covers that the fake cannot: a real server's SSE framing, chunk shapes
 our request fields (`stream_options`, `stop`, `temperature: 0`, `seed`, `max_tokens`, the chat template applied to
 system/user/assistant messages); stop strings and `max_tokens` stopping a real model; cancelling a stream
 mid-answer (the server drops the request and serves the next); concurrent requests; ranking falling back to
-generation on a server without `prompt_logprobs`; and the bot's conversation pipeline storing real answers.
+generation on a server without `prompt_logprobs`; the bot's conversation pipeline storing real answers, and
+`idefics-bot chat`.
 Images, `prompt_logprobs` scoring and the failure modes (retries, stalls, cut streams) are the fake's.
 
 `llama-cpp-python` compiles llama.cpp when installed (long on a small machine), so it is not a required test
@@ -15,6 +16,7 @@ dependency: without it these tests are skipped, saying why.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import subprocess
@@ -170,3 +172,18 @@ async def test_the_conversation_pipeline_stores_real_answers(llama_server: str, 
             assert sink.final and "cat" in sink.final and not sink.failures
         window = await services.database.store.recent_window("c1", 10)
     assert [m.role for m in window] == ["user", "assistant", "user", "assistant"]
+
+
+def test_the_terminal_chat_through_the_real_server(llama_server: str, tmp_path: Path, monkeypatch, capsys):
+    from bot.terminal.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cli.sqlite3'}",
+                        "GENERATION_BACKEND": "openai", "OPENAI_BASE_URL": llama_server, "MAX_NEW_TOKENS": "4"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("IDEFICS_MODEL", "DISCORD_TOKEN", "SYSTEM_PROMPT", "OPENAI_MODEL", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nwhat now?\n"))
+    assert main(["chat"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cat") >= 2
