@@ -28,7 +28,6 @@ attribute `default_user_message`; `str(error)` is the detail when there is one, 
 from __future__ import annotations
 
 from model_server.errors import ModelServerError
-from model_server.prompt import PromptError
 from storage.errors import StorageError
 
 _MB = 1024 * 1024
@@ -130,6 +129,4 @@ def user_message(exc: BaseException) -> str:
     """
     if isinstance(exc, UserInputError | ModelServerError | StorageError):
         return exc.user_message
-    if isinstance(exc, PromptError):  # written for the user, never quoting their text (a ModelServerError to be)
-        return str(exc)
     return INTERNAL_ERROR

@@ -258,13 +258,18 @@ def rank_by_scores(categories: Sequence[str], scores: Sequence[float]) -> list[R
     )
 
 
-def continuation_score(ids: Sequence[int], logprobs: Sequence[float], prompt_ids: Sequence[int]) -> float:
-    """The summed log-probabilities of the tokens of `ids` (prompt then category, each token's log-probability
-    in `logprobs`) from the first token where they leave `prompt_ids`, the prompt's own tokens.
+def continuation_start(ids: Sequence[int], prompt_ids: Sequence[int], *, keep: int = 1) -> int:
+    """Where the category begins in `ids` (prompt then category): the first token where they leave `prompt_ids`,
+    the prompt's own tokens; at least 1 (the BOS has no log-probability) and leaving at least `keep` tokens.
 
     A tokenizer may merge across the boundary, and then that merged token is scored too, as the local engine does.
     """
     common = next((k for k, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b),
                   min(len(ids), len(prompt_ids)))
-    common = max(1, min(common, len(ids) - 1))
-    return sum(logprobs[common:])
+    return max(1, min(common, len(ids) - keep))
+
+
+def continuation_score(ids: Sequence[int], logprobs: Sequence[float], prompt_ids: Sequence[int]) -> float:
+    """The summed log-probabilities of the tokens of `ids` (prompt then category, each token's log-probability
+    in `logprobs`) from `continuation_start`."""
+    return sum(logprobs[continuation_start(ids, prompt_ids):])

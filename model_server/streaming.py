@@ -9,8 +9,8 @@ class TextAssembler:
     """Turns one row's token ids into text deltas as they arrive.
 
     Text is decoded from all ids each time (byte-level tokens only make sense together); a delta is
-    held back while it ends in an incomplete UTF-8 sequence or could be the start of a stop string,
-    so nothing that the final answer cuts away is ever sent.
+    held back while it ends in an incomplete UTF-8 sequence, in whitespace, or could be the start of a stop
+    string, so nothing that the final answer cuts away is ever sent.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = (),
@@ -41,7 +41,9 @@ class TextAssembler:
             return self._emit(self._visible(answer).rstrip())
         safe = raw.rstrip("\ufffd")
         hold = self._held_suffix(safe)
-        return self._emit(self._visible(safe[: len(safe) - hold] if hold else safe))
+        # Trailing whitespace waits too: the answer ends stripped, so a space before a stop string (or the end)
+        # must never have been sent.
+        return self._emit(self._visible(safe[: len(safe) - hold] if hold else safe).rstrip())
 
     def _decoded(self) -> str:
         """The text of all ids so far (up to a character still incomplete, when incremental)."""

@@ -24,18 +24,7 @@ from model_server.prompt import PromptError
 from storage.errors import DatabaseBusy, DatabaseUnavailable, InvalidSetting, StorageError
 from storage.errors import ImageTooLarge as StoredImageTooLarge
 
-
-def _follows_convention(root: type[BaseException]) -> bool:
-    names = list(inspect.signature(root.__init__).parameters)
-    return names[:2] == ["self", "user_message"]
-
-
-ROOTS = [
-    UserInputError,
-    StorageError,
-    pytest.param(ModelServerError, marks=pytest.mark.skipif(
-        not _follows_convention(ModelServerError), reason="ModelServerError takes its detail first")),
-]
+ROOTS = [UserInputError, StorageError, ModelServerError]
 
 
 @pytest.mark.parametrize("root", ROOTS)

@@ -12,6 +12,7 @@ import logging
 
 import discord
 
+from bot.discord_app.forwards import attachments_of, contents_of, embeds_of
 from bot.errors import FetchFailed, FetchTimeout, ImageTooLarge, NotAnImage, UserInputError
 from bot.images.check import CheckedImage, ImageLimits, check_image
 from bot.images.fetch import ImageFetcher, find_image_links
@@ -44,10 +45,17 @@ def _looks_like_image(attachment: discord.Attachment) -> bool:
     return not kind or kind.startswith("image/")
 
 
+def sent_as_spoiler(message: discord.Message) -> bool:
+    """Whether an attachment of `message` (or of the message it forwards) was sent as a spoiler: a `SPOILER_`
+    file name or the IS_SPOILER attachment flag (`discord.Attachment.is_spoiler` reads both)."""
+    return any(a.is_spoiler() for a in attachments_of(message))
+
+
 def embed_image_urls(message: discord.Message) -> list[str]:
-    """Image URLs of the embeds Discord unfurled from links (the image, else the thumbnail)."""
+    """Image URLs of the embeds Discord unfurled from links (the image, else the thumbnail), a forwarded
+    message's included."""
     urls: list[str] = []
-    for embed in message.embeds:
+    for embed in embeds_of(message):
         url = embed.image.url or embed.thumbnail.url
         if url and url not in urls:
             urls.append(url)
@@ -57,14 +65,16 @@ def embed_image_urls(message: discord.Message) -> list[str]:
 async def images_from_message(
     message: discord.Message, fetcher: ImageFetcher, limits: ImageLimits
 ) -> tuple[list[CheckedImage], list[UserInputError]]:
-    """Every usable image of `message`, in order (attachments, embeds, links), at most `limits.max_count`.
+    """Every usable image of `message`, in order (attachments, embeds, links), at most `limits.max_count`; a
+    forward's are those of the message it forwards.
 
     Returns the images and the errors of images that could not be used; never raises for bad input.
     Non-images (by content) are skipped silently.
     """
     images: list[CheckedImage] = []
     errors: list[UserInputError] = []
-    for attachment in message.attachments:
+    attachments = attachments_of(message)
+    for attachment in attachments:
         if len(images) >= limits.max_count:
             break
         if attachment.size > limits.max_bytes and not _looks_like_image(attachment):
@@ -78,7 +88,7 @@ async def images_from_message(
             errors.append(exc)
     embed_urls = embed_image_urls(message)
     # A link Discord unfurled shows up twice (text and embed); the embed's image is the one to take.
-    text_links = find_image_links(message.content, limits.max_count)
+    text_links = find_image_links("\n".join(contents_of(message)), limits.max_count)
     for url in [*embed_urls, *(u for u in text_links if u not in embed_urls)]:
         if len(images) >= limits.max_count:
             break
@@ -89,7 +99,7 @@ async def images_from_message(
         except UserInputError as exc:
             log.info("a link in message %s unusable: %s", message.id, exc.detail)
             errors.append(exc)
-    skipped = len(message.attachments) + len(embed_urls) + len(text_links) - len(images) - len(errors)
+    skipped = len(attachments) + len(embed_urls) + len(text_links) - len(images) - len(errors)
     if images or errors:
         log.info("message %s: %d images, %d errors, %d skipped", message.id, len(images), len(errors),
                  max(skipped, 0))

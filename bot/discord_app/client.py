@@ -33,8 +33,11 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from bot.discord_app.attachments import images_from_message
+from bot.discord_app.attachments import images_from_message, sent_as_spoiler
 from bot.discord_app.cogs import EXTENSIONS
+from bot.discord_app.command_errors import IdeficsCommandTree
+from bot.discord_app.forwards import is_forward
+from bot.discord_app.gateway_guard import guard_parsers
 from bot.discord_app.incoming import channel_key, starter_platform_id, to_incoming
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
 from bot.discord_app.replies import MessageReplySink, send_notice
@@ -73,9 +76,12 @@ class IdeficsBot(commands.Bot):
         # does not hand messages to discord.py's command processing either).
         kwargs.setdefault("command_prefix", ())
         kwargs.setdefault("help_command", None)
+        # Every failed interaction gets one short answer and one log line (`bot.discord_app.command_errors`).
+        kwargs.setdefault("tree_cls", IdeficsCommandTree)
         # Model output must never ping: the default for every message, on top of each send's own.
         kwargs.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(**kwargs)
+        guard_parsers(self)  # a malformed gateway event is logged and dropped, not the end of the connection
         self.services = services
         settings = services.settings
         self.limiter = UserLimiter(settings.user_max_inflight, settings.user_max_per_minute)
@@ -237,7 +243,8 @@ class IdeficsBot(commands.Bot):
         images, errors = await images_from_message(message, services.fetcher, services.settings.image_limits())
         if previous is not None:
             await asyncio.wait({previous})
-        if isinstance(message.channel, discord.Thread):
+        # A forum post is its thread's starter and its first message at once (same id): stored once, as itself.
+        if isinstance(message.channel, discord.Thread) and message.id != message.channel.id:
             await self._ensure_thread_starter(message.channel)
         if decision.answer and self._draining and not errors:
             await self._record_for_later(message, images)
@@ -296,7 +303,9 @@ class IdeficsBot(commands.Bot):
     async def _answer(self, message: discord.Message, stored: StoredMessage,
                       slot: contextlib.AbstractContextManager[None] | None, *, recovered: bool = False) -> None:
         with slot if slot is not None else contextlib.nullcontext():
-            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s)
+            # An answer about a hidden picture would give it away: it is hidden too.
+            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s,
+                                                spoiler=sent_as_spoiler(message))
             try:
                 async with sink:
                     await self.services.conversation.respond(stored, sink)
@@ -328,12 +337,13 @@ class IdeficsBot(commands.Bot):
             mentions_bot=self.user.id in message.raw_mentions,
             replies_to_bot=await self._replies_to_bot(message),
             is_system=message.type not in _PERSON_TYPES,
+            is_forward=is_forward(message),
         )
 
     async def _replies_to_bot(self, message: discord.Message) -> bool:
         reference = message.reference
-        if reference is None or reference.message_id is None or self.user is None:
-            return False
+        if reference is None or reference.message_id is None or self.user is None or is_forward(message):
+            return False  # a forward points at the message it copies: forwarding the bot's answer is no reply
         resolved = reference.resolved
         if isinstance(resolved, discord.Message):
             return resolved.author.id == self.user.id
@@ -342,18 +352,27 @@ class IdeficsBot(commands.Bot):
         return stored is not None and stored.role == "assistant"
 
     async def _ensure_thread_starter(self, thread: discord.Thread) -> None:
-        """Put the thread's starter message at the head of its history, once (it is the thread's topic)."""
+        """Put the thread's starter message at the head of its history, once (it is the thread's topic).
+
+        A thread started from a message of a text channel: that message lives in the parent channel, and its copy
+        here is stored under `<id>:starter`. A forum (or media) post: the thread's first message lives in the
+        thread itself, with the thread's id; it is this history's own first message, stored under its own id,
+        once (it arrives as an ordinary message too, which `_ingest_one` does not send here).
+        """
         if thread.id in self._starters_checked:
             return
         self._starters_checked.add(thread.id)
         store = self.services.conversation.store
-        platform_id = starter_platform_id(thread.id)
+        starter = thread.starter_message
+        in_thread = (starter.channel.id == thread.id if starter is not None
+                     else isinstance(thread.parent, discord.ForumChannel))
+        platform_id = str(thread.id) if in_thread else starter_platform_id(thread.id)
         if await store.get_message(platform_id) is not None:
             return
-        starter = thread.starter_message
-        if starter is None and thread.parent is not None:
+        source = thread if in_thread else thread.parent
+        if starter is None and source is not None:
             try:
-                starter = await thread.parent.fetch_message(thread.id)  # type: ignore[union-attr]
+                starter = await source.fetch_message(thread.id)  # type: ignore[union-attr]
             except discord.HTTPException as exc:  # a thread without a starter, or it was deleted
                 log.info("thread %s: no starter message (HTTP %s)", thread.id, exc.status)
                 return

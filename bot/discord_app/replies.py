@@ -6,6 +6,10 @@ original response, followups past 2000 characters). Both show the queue position
 one message by edits at most once per `edit_interval_s`, and always deliver the final text, even when a
 streaming edit failed.
 
+Spoilers: a sink made with `spoiler=True` (the question's image was sent as a spoiler) puts every part it shows
+behind `||` tags, each streamed edit and each part of a split answer alike (`spoiler_parts`), so no part of the
+answer ever shows unhidden; the stored answer is the plain text.
+
 Rate limits: discord.py waits out an HTTP 429 (its retry-after) and sends the edit again, so a held-back edit
 still lands; the sink then spaces its next edits further apart (`SLOW_EDIT_S`), so an answer that meets a
 limit shows fewer edits instead of a pile of them waiting on the same bucket.
@@ -17,6 +21,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -85,6 +90,21 @@ def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
     return chunks
 
 
+SPOILER = "||"
+_ZERO_WIDTH_SPACE = "\u200b"
+
+
+def spoiler_parts(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
+    """`split_message`, each part hidden behind `||` tags and still within `limit` characters.
+
+    A `||` inside the text would close the spoiler early and show the rest: every `|` followed by another gets a
+    zero-width space after it (it reads the same), and so does a part's last `|`.
+    """
+    defused = re.sub(r"\|(?=\|)", "|" + _ZERO_WIDTH_SPACE, text)
+    parts = split_message(defused, limit - 2 * len(SPOILER) - 1)
+    return [SPOILER + (part + _ZERO_WIDTH_SPACE if part.endswith("|") else part) + SPOILER for part in parts]
+
+
 def _cut_line(line: str, width: int) -> list[str]:
     pieces: list[str] = []
     while len(line) > width:
@@ -103,8 +123,10 @@ def queued_text(ahead: int) -> str:
 class _StreamedReply(abc.ABC):
     """The common part of both sinks: one or more messages that show the answer as it grows."""
 
-    def __init__(self, *, edit_interval_s: float = 1.0) -> None:
+    def __init__(self, *, edit_interval_s: float = 1.0, spoiler: bool = False) -> None:
         self.edit_interval_s = edit_interval_s
+        self.spoiler = spoiler
+        """Every part shown behind `||` tags."""
         self._messages: list[Any] = []  # discord.Message / InteractionMessage / WebhookMessage, in order
         self._shown: list[str] = []  # what each of `_messages` shows now
         self._text = ""
@@ -200,7 +222,7 @@ class _StreamedReply(abc.ABC):
             await self._messages[index].delete()
 
     async def _show(self, text: str, *, final: bool) -> None:
-        chunks = split_message(text) or ["…"]
+        chunks = (spoiler_parts(text) if self.spoiler else split_message(text)) or ["…"]
         if not self._has_text:
             self._has_text = True
             await self._stop_waiting()
@@ -253,17 +275,18 @@ class MessageReplySink(_StreamedReply):
     """
 
     def __init__(self, channel: discord.abc.Messageable, reference: discord.MessageReference | None, *,
-                 edit_interval_s: float = 1.0) -> None:
-        super().__init__(edit_interval_s=edit_interval_s)
+                 edit_interval_s: float = 1.0, spoiler: bool = False) -> None:
+        super().__init__(edit_interval_s=edit_interval_s, spoiler=spoiler)
         self.channel = channel
         self.reference = reference
         self._typing: asyncio.Task[None] | None = None
         self._typing_stop = asyncio.Event()
 
     @classmethod
-    def for_message(cls, message: discord.Message, *, edit_interval_s: float = 1.0) -> MessageReplySink:
+    def for_message(cls, message: discord.Message, *, edit_interval_s: float = 1.0,
+                    spoiler: bool = False) -> MessageReplySink:
         return cls(message.channel, message.to_reference(fail_if_not_exists=False),
-                   edit_interval_s=edit_interval_s)
+                   edit_interval_s=edit_interval_s, spoiler=spoiler)
 
     async def __aenter__(self) -> MessageReplySink:
         self._typing = asyncio.create_task(self._keep_typing(), name="typing-indicator")
@@ -297,8 +320,8 @@ class InteractionReplySink(_StreamedReply):
     """Answers a deferred interaction: the original response shows the answer, followups carry the rest."""
 
     def __init__(self, interaction: discord.Interaction, *, edit_interval_s: float = 1.0,
-                 ephemeral: bool = False) -> None:
-        super().__init__(edit_interval_s=edit_interval_s)
+                 ephemeral: bool = False, spoiler: bool = False) -> None:
+        super().__init__(edit_interval_s=edit_interval_s, spoiler=spoiler)
         self.interaction = interaction
         self.ephemeral = ephemeral
 

@@ -25,6 +25,8 @@ class MessageFacts:
     """A reply to one of the bot's messages."""
     is_system: bool = False
     """A join, pin, thread-created ... notice rather than something a person wrote."""
+    is_forward: bool = False
+    """A forwarded message: someone else's words, which cannot mention the bot and reply to nothing."""
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,19 @@ IGNORE = Decision(record=False, answer=False)
 def decide(facts: MessageFacts, *, answer_mode: AnswerMode | None, record_mode: RecordMode | None,
            answer_dms: bool, answer_bots: bool) -> Decision:
     """The bot's rules: answer when addressed (mention, DM, reply to it) or in an "always" channel; other bots
-    only with `answer_bots`; record what it answers, and everything else when the channel records "all"."""
+    only with `answer_bots`; record what it answers, and everything else when the channel records "all".
+
+    A forward is addressed only in a DM: in a channel it never is (it cannot carry a mention of its own, and its
+    reference is no reply), so there it is recorded, not answered, whatever the channel's answer mode."""
     if facts.from_self or facts.is_system:
         return IGNORE
     if facts.is_dm and not answer_dms:
         return IGNORE
-    addressed = facts.mentions_bot or facts.replies_to_bot or facts.is_dm
-    wanted = addressed or (answer_mode or DEFAULT_ANSWER_MODE) == "always"
+    if facts.is_forward:
+        wanted = facts.is_dm
+    else:
+        addressed = facts.mentions_bot or facts.replies_to_bot or facts.is_dm
+        wanted = addressed or (answer_mode or DEFAULT_ANSWER_MODE) == "always"
     # Two bots that answer each other would never stop: other bots are context unless explicitly allowed.
     answer = wanted and (not facts.from_bot or answer_bots)
     record = answer or (record_mode or DEFAULT_RECORD_MODE) == "all"

@@ -11,6 +11,7 @@ concurrently and share the executor's batches.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -59,8 +60,18 @@ class ModelInfo:
     name: str
     instruct: bool
     max_positions: int = 2048
+    """Prompt plus answer."""
+    max_input_tokens: int | None = None
+    """The most prompt tokens the server takes whatever the answer's length (TGI's `max_input_tokens`)."""
     count_tokens: Callable[[str], int] | None = None
     """The tokenizer's count; None uses a safe over-estimate."""
+    count_blocks: bool = False
+    """`count_tokens` waits on the event loop (a remote tokenizer): render on a worker thread."""
+
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """The most prompt tokens for an answer of `max_new_tokens` (the channel's own)."""
+        budget = self.max_positions - max_new_tokens
+        return min(budget, self.max_input_tokens) if self.max_input_tokens else budget
 
 
 @dataclass(frozen=True)
@@ -153,13 +164,16 @@ class Conversation:
         params = self.params_for(settings)
         window = await self.store.recent_window(request.channel_key, self.defaults.history_messages)
         turns = self.turns(conversation_order(window, request))
-        return render_chat(
-            turns, instruct=self.model.instruct,
+        render = functools.partial(
+            render_chat, turns, instruct=self.model.instruct,
             system_prompt=settings.system_prompt or self.defaults.system_prompt,
             max_images=self.defaults.max_images,
-            max_prompt_tokens=self.model.max_positions - params.max_new_tokens,
+            max_prompt_tokens=self.model.prompt_budget(params.max_new_tokens),
             count_tokens=self.model.count_tokens, params=params,
         )
+        if self.model.count_blocks:
+            return await asyncio.to_thread(render)
+        return render()
 
     def turns(self, messages: Sequence[StoredMessage]) -> list[ChatTurn]:
         # Only the newest `max_images` images are shown to the model; older ones become a text marker,

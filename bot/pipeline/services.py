@@ -91,9 +91,10 @@ async def open_tgi_executor(settings: Settings, model: str | None = None,
                             ) -> AsyncIterator[tuple[GenerationBackend, ModelInfo]]:
     """A `TgiExecutor` on `TGI_URL`, checked ready, and the `ModelInfo` of the model that server runs.
 
-    The prompt budget follows the server's `/info` limits. Instruct or base, and the token count, come from the
-    tokenizer when the model id is a folder this machine can read too; else from the id's name ("instruct"),
-    with the prompt module's over-estimate of tokens.
+    The prompt budget follows the server's `/info` limits (`max_input_tokens`, and `max_total_tokens` less each
+    channel's own `max_new_tokens`). Instruct or base, and the token count, come from the tokenizer when the
+    model id is a folder this machine can read too; else instruct from the id's name ("instruct"), and the
+    count from the server's `/tokenize`.
     """
     from model_server.errors import ModelLoadError
     from model_server.tgi import TgiExecutor
@@ -109,8 +110,11 @@ async def open_tgi_executor(settings: Settings, model: str | None = None,
         assert server is not None
         if model and model != server.model_id:
             log.warning("--model %s ignored: text-generation-inference serves %s", model, server.model_id)
-        info = await asyncio.to_thread(_served_model_info, server.model_id,
-                                       server.max_positions(settings.max_new_tokens))
+        info = await asyncio.to_thread(_served_model_info, server.model_id)
+        info = dataclasses.replace(info, max_positions=server.max_positions(),
+                                   max_input_tokens=server.max_input_tokens)
+        if info.count_tokens is None:  # count with the server's own tokenizer
+            info = dataclasses.replace(info, count_tokens=executor.token_counter(), count_blocks=True)
         yield executor, info
 
 
@@ -139,16 +143,15 @@ async def open_openai_executor(settings: Settings, model: str | None = None,
     async with OpenAIExecutor(config) as executor:
         server = executor.server
         assert server is not None
-        max_positions = server.max_positions(settings.max_new_tokens)
-        info = await asyncio.to_thread(_served_model_info, server.model_id, max_positions)
-        yield executor, dataclasses.replace(info, instruct=True)
+        info = await asyncio.to_thread(_served_model_info, server.model_id)
+        yield executor, dataclasses.replace(info, instruct=True, max_positions=server.max_positions())
 
 
-def _served_model_info(model_id: str, max_positions: int) -> ModelInfo:
-    if Path(model_id).is_dir():  # TGI serves a folder this machine shares: read its tokenizer
-        return dataclasses.replace(model_info_without_weights(model_id), max_positions=max_positions)
+def _served_model_info(model_id: str) -> ModelInfo:
+    if Path(model_id).is_dir():  # the server serves a folder this machine shares: read its tokenizer
+        return model_info_without_weights(model_id)
     # A hub id: judged by its name, so the bot process needs neither torch nor transformers.
-    return ModelInfo(name=model_id, instruct="instruct" in model_id.lower(), max_positions=max_positions)
+    return ModelInfo(name=model_id, instruct="instruct" in model_id.lower())
 
 
 @contextlib.asynccontextmanager

@@ -53,8 +53,8 @@ class OpenAIServerInfo:
         length = card.get("max_model_len")
         return cls(model_id, length if isinstance(length, int) and length > 0 else None, served)
 
-    def max_positions(self, max_new_tokens: int, default: int = 2048) -> int:
-        """Positions to tell the prompt renderer, which keeps prompts to this minus `max_new_tokens`."""
+    def max_positions(self, default: int = 2048) -> int:
+        """Prompt plus answer: the renderer keeps a prompt to this minus the channel's `max_new_tokens`."""
         return self.max_model_len or default
 
 

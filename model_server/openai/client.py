@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from model_server.errors import GenerationFailed, ModelLoadError, RequestRejected
+from model_server.errors import GenerationFailed, ModelLoadError
 from model_server.remote.http import (
     HEALTH_TIMEOUT_S,
     OVERLOADED_MESSAGE,
@@ -33,7 +33,6 @@ from model_server.remote.http import (
     HttpClient,
     Retryable,
     RetryPolicy,
-    json_body,
     parse_event,
     rejection,
 )
@@ -42,7 +41,6 @@ DONE = "[DONE]"
 """The `data` of the last event of a stream."""
 KEY_REFUSED_MESSAGE = "the model server refused this bot's API key; the operator must check OPENAI_API_KEY"
 UNKNOWN_MODEL_MESSAGE = "the model server does not serve the configured model; the operator must check OPENAI_MODEL"
-TOO_LARGE_MESSAGE = "this request is too large for the model server; try fewer images"
 
 
 def error_fields(body: object) -> tuple[str, str]:
@@ -70,9 +68,8 @@ class OpenAIClient(HttpClient):
         super().__init__(base_url, connect_timeout_s=connect_timeout_s, stall_s=stall_s, retry=retry,
                          max_connections=max_connections, headers=headers)
 
-    async def error_of(self, response: aiohttp.ClientResponse) -> tuple[str, str]:
-        message, kind = error_fields(await json_body(response))
-        return (message or response.reason or ""), kind
+    def error_fields(self, body: object) -> tuple[str, str]:
+        return error_fields(body)
 
     def rejection_for(self, status: int, error: str, error_type: str) -> Exception:
         detail = f"OpenAI-compatible server {status} {error_type}: {error}"[:500]
@@ -80,9 +77,8 @@ class OpenAIClient(HttpClient):
             return GenerationFailed(KEY_REFUSED_MESSAGE, detail=detail)
         if status == 404:
             return GenerationFailed(UNKNOWN_MODEL_MESSAGE, detail=detail)
-        if status == 413:
-            return RequestRejected(TOO_LARGE_MESSAGE, detail=detail)
-        return rejection("OpenAI-compatible server", status, error, error_type, invalid=status in (400, 422))
+        return rejection("OpenAI-compatible server", status, error, error_type, invalid=status in (400, 422),
+                         too_long=self.is_too_long(error))
 
     def decode_event(self, data: str) -> dict[str, Any] | None:
         if data.strip() == DONE:

@@ -33,6 +33,9 @@ from model_server.errors import (
     ServerUnavailable,
     StreamBroken,
 )
+from model_server.remote.sse import SseParser
+
+__all__ = ["SseParser"]  # re-exported: the parser is part of what this module offers its clients
 
 log = logging.getLogger(__name__)
 
@@ -50,64 +53,7 @@ FAILED_MESSAGE = "the model server failed on this request, please try again"
 CUT_MESSAGE = "the connection to the model server was lost mid-answer, please ask again"
 TOO_LONG_MESSAGE = "this conversation is too long for the model server; send a shorter message or /reset"
 INVALID_MESSAGE = "the model server rejected this request as invalid"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Server-sent events
-
-
-class SseParser:
-    """Incremental parser for `text/event-stream` (the WHATWG rules TGI, vLLM and the others write to).
-
-    Feed it raw chunks as they arrive; it returns the `data` of each completed event. Lines may be split
-    anywhere across chunks (bytes are decoded only per complete line, so a UTF-8 character split between
-    chunks is whole again); `\\r\\n`, `\\r` and `\\n` end lines; a blank line ends an event; several `data:`
-    lines of one event are joined with `\\n`; lines starting with `:` are comments (keep-alives); other
-    fields (`event:`, `id:`, `retry:`) are ignored. An event left without its blank line when the stream
-    ends is discarded, as the spec says.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self.comments = 0
-        """Comment lines seen (keep-alives); they do not count as progress."""
-
-    def feed(self, chunk: bytes) -> list[str]:
-        self._buffer += chunk
-        events: list[str] = []
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                return events
-            end, skip = cut
-            raw, self._buffer = self._buffer[:end], self._buffer[end + skip:]
-            line = raw.decode("utf-8", errors="replace")
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                self.comments += 1
-                continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data":
-                self._data.append(value)
-
-
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """(index, length) of the first line ending in `buffer`; a lone trailing `\\r` waits for more bytes."""
-    for i, byte in enumerate(buffer):
-        if byte == 0x0A:
-            return i, 1
-        if byte == 0x0D:
-            if i + 1 == len(buffer):
-                return None  # maybe the first half of "\r\n"
-            return i, 2 if buffer[i + 1] == 0x0A else 1
-    return None
+TOO_LARGE_MESSAGE = "this request is too large for the model server; try fewer or smaller images"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,21 +95,39 @@ def retry_after(headers: Any) -> float | None:
     return seconds if 0 <= seconds <= MAX_RETRY_AFTER_S else None
 
 
-async def json_body(response: aiohttp.ClientResponse) -> object:
-    """The response's JSON, or None when the body is not JSON."""
+async def body_of(response: aiohttp.ClientResponse) -> tuple[object, str]:
+    """A failed response's body as JSON (None when it is not JSON) and as text (at most 300 characters).
+
+    Servers answer some refusals before their own handlers run, in plain text (TGI's axum: 413 "Failed to buffer
+    the request body: length limit exceeded", 422 "Failed to deserialize the JSON body ..."): the text keeps the
+    reason for the log.
+    """
     try:
-        return await response.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
-        return None
+        raw = await response.read()
+    except aiohttp.ClientError:
+        return None, ""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        return json.loads(text), text[:300]
+    except ValueError:
+        return None, text[:300]
 
 
-def rejection(server: str, status: int, error: str, error_type: str, *, invalid: bool) -> Exception:
+def looks_too_long(error: str) -> bool:
+    """A validation error that is about length (servers word it freely: tokens, length, context)."""
+    lowered = error.lower()
+    return "token" in lowered or "length" in lowered or "context" in lowered
+
+
+def rejection(server: str, status: int, error: str, error_type: str, *, invalid: bool,
+              too_long: bool = False) -> Exception:
     """The exception for a final, non-retryable HTTP status or error event; `invalid`: the server judged the
-    request itself wrong (a too-long prompt among those)."""
+    request itself wrong, `too_long`: because of its length. A 413 (the body is over the server's size limit) is
+    final too: the same request would be refused again, so it is never "try again"."""
     detail = f"{server} {status} {error_type}: {error}"[:500]
+    if status == 413:
+        return RequestRejected(TOO_LARGE_MESSAGE, detail=detail)
     if invalid:
-        lowered = error.lower()
-        too_long = "token" in lowered or "length" in lowered or "context" in lowered
         return RequestRejected(TOO_LONG_MESSAGE if too_long else INVALID_MESSAGE, detail=detail)
     if status in RETRYABLE_STATUS or error_type == "overloaded":
         return ServerUnavailable(OVERLOADED_MESSAGE, detail=detail)
@@ -209,13 +173,27 @@ class HttpClient:
             self._session = None
 
     # -- what subclasses say about their server --------------------------------------------------
+    def error_fields(self, body: object) -> tuple[str, str]:
+        """(error message, error type) from a failed response's JSON body; ("", "") when it holds no error."""
+        return "", ""
+
     async def error_of(self, response: aiohttp.ClientResponse) -> tuple[str, str]:
-        """(error message, error type) from a failed response's body."""
-        return response.reason or "", ""
+        """(error message, error type) from a failed response: the server's JSON error, else the body's own text
+        (a plain-text refusal keeps its reason), else the status text."""
+        body, text = await body_of(response)
+        message, kind = self.error_fields(body)
+        if message or kind:
+            return message, kind
+        return (text or response.reason or ""), ""
+
+    def is_too_long(self, error: str) -> bool:
+        """The server's validation `error` says the prompt is too long."""
+        return looks_too_long(error)
 
     def rejection_for(self, status: int, error: str, error_type: str) -> Exception:
         """The exception for a final, non-retryable status (or an error event, status 200)."""
-        return rejection(self.server_name, status, error, error_type, invalid=status in (400, 422))
+        return rejection(self.server_name, status, error, error_type, invalid=status in (400, 422),
+                         too_long=self.is_too_long(error))
 
     def decode_event(self, data: str) -> dict[str, Any] | None:
         """One event's JSON object; None for a marker that ends the stream (OpenAI's `[DONE]`)."""

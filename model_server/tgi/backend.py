@@ -5,13 +5,17 @@ request does on TGI (see `render` for the body, `client` for the wire):
 
 - generate: `POST /generate_stream`, read by `stream.read_answer` (deltas, finish reasons).
 - beam: TGI has no beam search; it runs greedy (logged once).
-- rank: one `POST /generate` per category (`ranking.Ranker`).
+- rank: one `POST /generate` per category, after two for the prompt alone (`ranking.Ranker`: TGI's IDEFICS
+  shard shifts prompt log-probabilities in a padded batch, so every answer is aligned first).
+- prompt tokens: TGI's `input_length` counts an image as one token; the shard builds three
+  (`render.shard_token_surplus`), and that is what is reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from model_server.backend import GenerationBackend
@@ -21,8 +25,9 @@ from model_server.remote.backend import ERROR_KINDS, RemoteExecutor, RemoteJob, 
 from model_server.remote.http import RetryPolicy, closing_stream
 from model_server.tgi import ranking
 from model_server.tgi.client import TgiClient
+from model_server.tgi.counting import RemoteTokenCounter
 from model_server.tgi.info import TgiServerInfo
-from model_server.tgi.render import build_body, tgi_parameters
+from model_server.tgi.render import build_body, shard_token_surplus, tgi_parameters
 from model_server.tgi.stream import read_answer
 from model_server.types import Prompt, RankedCategory
 
@@ -64,6 +69,10 @@ class TgiExecutor(RemoteExecutor):
     async def _close_client(self) -> None:
         await self.client.close()
 
+    def token_counter(self) -> Callable[[str], int]:
+        """Exact counts for the prompt renderer from TGI's `/tokenize`; call it from a worker thread."""
+        return RemoteTokenCounter(self.client, asyncio.get_running_loop())
+
     async def _body(self, prompt: Prompt, parameters: dict[str, Any], suffix: str = "") -> bytes:
         built = await asyncio.to_thread(build_body, prompt.items, parameters, suffix=suffix,
                                         max_bytes=self.config.max_body_bytes)
@@ -77,7 +86,9 @@ class TgiExecutor(RemoteExecutor):
         body = await self._body(job.prompt, tgi_parameters(params, max_stop_sequences=server.max_stop_sequences))
         async with closing_stream(self.client, "/generate_stream", body) as events:  # leaving it closes the stream
             text, reason = await read_answer(events, params.stop_strings, lambda delta: self._delta(job, delta), state)
-        if not state.prompt_tokens:
+        if state.prompt_tokens:  # the router's count: make it what the shard builds
+            state.prompt_tokens += shard_token_surplus(job.prompt.items)
+        else:
             state.prompt_tokens = estimate_tokens(text_only(job.prompt))
         self._complete(job, text, reason, state.prompt_tokens, state.completion_tokens, state.first_token_at)
 

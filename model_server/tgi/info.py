@@ -35,14 +35,19 @@ class TgiServerInfo:
             version=info.get("version") if isinstance(info.get("version"), str) else None,
         )
 
-    def max_positions(self, max_new_tokens: int) -> int:
-        """Positions to tell the prompt renderer, which keeps prompts to this minus `max_new_tokens`.
+    def max_positions(self) -> int:
+        """Prompt plus answer: TGI refuses more than `max_total_tokens`; IDEFICS saw 2048 positions at most."""
+        return min(2048, self.max_total_tokens or 2048)
 
-        TGI refuses prompts over `max_input_tokens` and prompt plus answer over `max_total_tokens`.
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """The most prompt tokens (as the shard builds them) for an answer of `max_new_tokens`.
+
+        TGI refuses a prompt over `max_input_tokens` whatever the answer's length, and prompt plus
+        `max_new_tokens` over `max_total_tokens`; its shard also cuts the start of a prompt over
+        `max_input_tokens` (its truncation), so the shard's count, three tokens an image, is the one to keep
+        under it.
         """
-        limits = [2048]
-        if self.max_total_tokens:
-            limits.append(self.max_total_tokens)
+        budget = self.max_positions() - max_new_tokens
         if self.max_input_tokens:
-            limits.append(self.max_input_tokens + max_new_tokens)
-        return min(limits)
+            budget = min(budget, self.max_input_tokens)
+        return budget

@@ -45,7 +45,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-from tests.fakes.tgi import Plan, Token, _token_id, words
+from tests.fakes.tgi import Plan, Token, words
 
 MODEL_ID = "HuggingFaceM4/Idefics3-8B-Llama3"
 MAX_MODEL_LEN = 4096
@@ -364,6 +364,14 @@ class FakeOpenAI:
                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                                   "total_tokens": prompt_tokens + len(tokens)}})
         yield b"data: [DONE]\n\n"
+
+
+_VOCAB: dict[str, int] = {}
+
+
+def _token_id(text: str) -> int:
+    """A stable id per distinct token text, like a vocabulary."""
+    return _VOCAB.setdefault(text, len(_VOCAB))
 
 
 def _run_model(plan: Plan, body: dict[str, Any]) -> tuple[list[Token], str, str | None]:

@@ -1,4 +1,5 @@
-"""A loopback fake of text-generation-inference, written to TGI's documented HTTP API.
+"""A loopback fake of text-generation-inference: its router (HTTP, validation) here, its IDEFICS shard in
+`tests.fakes.tgi_shard`, both reproduced from TGI's source (text-generation-inference at db931fc).
 
 Endpoints: `GET /health`, `GET /info`, `POST /generate` (with `details` and `decoder_input_details`: the
 prompt's tokens with their log-probabilities in `details.prefill`) and `POST /generate_stream` (server-sent
@@ -11,8 +12,25 @@ written so far ends with one of the request's `stop` sequences (`stop_sequence`)
 
 Every request is checked as a real TGI would check it, and more strictly where the bot must behave: JSON body
 under the 2,000,000-byte payload limit, known parameters with valid values, at most `max_stop_sequences` stop
-sequences, each inline image a decodable `data:` URI. A failed check answers 422 (413 for a large body) and is
-listed in `problems`, which tests assert empty.
+sequences, each inline image a decodable `data:` URI. A failed check answers 422 and is listed in `problems`,
+which tests assert empty.
+
+As the real router (`router/src/server.rs`, `router/src/validation.rs`, `docs/openapi.json`):
+
+- A body over `--payload-limit` is refused by axum's `DefaultBodyLimit` (`server.rs` 2298) before any handler:
+  413 with a plain-text body, `Failed to buffer the request body: length limit exceeded`. A body that is not
+  the JSON the handler's `Json<GenerateRequest>` extractor wants is axum's plain-text rejection too: 415 without
+  `Content-Type: application/json`, 400 for bad JSON syntax, 422 `Failed to deserialize the JSON body into the
+  target type: ...` for a wrong shape.
+- The router counts a prompt's tokens with `<image>` (one token) in place of each image (`validation.rs` 648,
+  823-847) plus the BOS, and refuses (422, `error_type` "validation", `validation.rs` 172-187, messages 997-1004)
+  `inputs` over `max_input_tokens` ("`inputs` must have less than {max} tokens. Given: {n}") and `inputs` plus
+  `max_new_tokens` over `max_total_tokens`. Refusals are listed in `refusals`. The stream's final `details`
+  report that count as `input_length`; the shard builds three tokens per image (see `tgi_shard`).
+- `POST /tokenize` (`server.rs` 1305-1325; `SimpleToken` in `openapi.json`) answers the router's encoding of
+  `inputs` (`add_special_tokens`, default true, adds the BOS) as `[{"id", "text", "start", "stop"}]`.
+- A request whose prefill batch fails in the shard fails with it: `/generate` answers 424 (`server.rs` 2407,
+  `InferError::GenerationError`), a stream sends an `{"error", "error_type": "generation"}` event.
 """
 
 from __future__ import annotations
@@ -27,74 +45,25 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from PIL import Image
 
+from tests.fakes import tgi_shard
+from tests.fakes.tgi_plans import DEFAULT_ANSWER, EOS, EOU, Plan, Received, Token, words
+from tests.fakes.tgi_shard import Shard
+
+__all__ = ["DEFAULT_ANSWER", "EOS", "EOU", "FakeTgi", "Plan", "Received", "Token", "running_fake_tgi", "words"]
+
 PAYLOAD_LIMIT = 2_000_000
 MODEL_ID = "HuggingFaceM4/idefics-9b-instruct"
-EOS = ("</s>", True)
-EOU = ("<end_of_utterance>", True)
 IMAGE_MARKDOWN = re.compile(r"!\[\]\(([^)]*)\)")
 KNOWN_PARAMETERS = {
     "best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty", "grammar", "max_new_tokens",
     "repetition_penalty", "return_full_text", "seed", "stop", "temperature", "top_k", "top_n_tokens", "top_p",
     "truncate", "typical_p", "watermark", "adapter_id",
 }
-
-Token = tuple[str, bool]
-"""(text, special)."""
-
-
-def words(text: str) -> list[Token]:
-    """`text` as the fake's tokens: each word with the spaces before it, each newline alone."""
-    return [(t, False) for t in re.findall(r"\n|[^\S\n]*[^\s]+", text)]
-
-
-DEFAULT_ANSWER: list[Token] = [*words(" This picture shows some noise."), EOU, *words("\nUser: more")]
-
-
-@dataclass
-class Plan:
-    """How the fake answers one request (they are used in order; then `default_plan`)."""
-
-    status: int = 200
-    """Not 200: answer this status with TGI's error body right away."""
-    error: str = "error"
-    error_type: str = ""
-    retry_after: str | None = None
-    tokens: list[Token] = field(default_factory=lambda: list(DEFAULT_ANSWER))
-    stall_after: int | None = None
-    """Stream this many tokens, then go silent (sending only `:` keep-alive comments)."""
-    cut_after: int | None = None
-    """Stream this many tokens, then drop the connection."""
-    error_event_after: int | None = None
-    """Stream this many tokens, then an `{"error": ...}` event (TGI streams even a validation or overload
-    error this way, with status 200, when it is found after the stream began)."""
-    error_event_type: str = "generation"
-    error_event_text: str = "Request failed during generation: Server error: CUDA out of memory"
-    chunk_bytes: int | None = None
-    """Write the stream in pieces of this many bytes, cutting lines, JSON and UTF-8 characters anywhere."""
-    token_delay_s: float = 0.0
-    keepalives: bool = False
-    """Write a `:` comment line between events."""
-
-
-@dataclass
-class Received:
-    """One request the fake answered."""
-
-    path: str
-    at: float
-    size: int
-    inputs: str = ""
-    parameters: dict[str, Any] = field(default_factory=dict)
-    images: list[Image.Image] = field(default_factory=list)
-    stream_closed_early: bool = False
-    """The client closed the stream before its last event (cancellation)."""
-
 
 class FakeTgi:
     def __init__(self) -> None:
@@ -112,20 +81,32 @@ class FakeTgi:
             "router": "text-generation-router",
             "version": "2.4.1", "sha": None, "docker_label": None,
         }
-        self.logprobs: dict[str, float] = {}
-        """Prefill log-probability of a token by its stripped text; others get -1.0."""
+        self.shard = Shard(max_truncation=self.info["max_input_tokens"])
+        self.refusals: list[str] = []
+        """Requests the router refused as too long (422), with its message."""
         self._runner: web.AppRunner | None = None
         self.url = ""
         self.streams_open = 0
         self.max_streams_open = 0
 
+    @property
+    def logprobs(self) -> dict[str, float]:
+        """Log-probability of a token by its stripped text wherever it occurs (others: see `tgi_shard`)."""
+        return self.shard.logprobs
+
+    @logprobs.setter
+    def logprobs(self, values: dict[str, float]) -> None:
+        self.shard.logprobs = dict(values)
+
     # -- server ----------------------------------------------------------------------------------
     async def start(self) -> FakeTgi:
+        await asyncio.to_thread(tgi_shard.tokenizer)  # loaded before the first request, not during it
         app = web.Application(client_max_size=16 * PAYLOAD_LIMIT)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
         app.router.add_post("/generate", self._generate)
         app.router.add_post("/generate_stream", self._generate_stream)
+        app.router.add_post("/tokenize", self._tokenize)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -174,22 +155,55 @@ class FakeTgi:
         got = Received(request.path, time.monotonic(), len(body))
         self.received.append(got)
         if len(body) > PAYLOAD_LIMIT:
-            return got, self._problem(f"body of {len(body)} bytes over the payload limit", status=413)
+            self.problems.append(f"body of {len(body)} bytes over the payload limit")
+            return got, web.Response(status=413, text="Failed to buffer the request body: length limit exceeded")
         if request.content_type != "application/json":
-            return got, self._problem(f"content type {request.content_type}")
+            self.problems.append(f"content type {request.content_type}")
+            return got, web.Response(status=415, text="Expected request with `Content-Type: application/json`")
         try:
             payload = json.loads(body)
-        except ValueError:
-            return got, self._problem("body is not JSON")
-        got.inputs = payload.get("inputs", "")
+        except ValueError as exc:
+            self.problems.append("body is not JSON")
+            return got, web.Response(status=400, text=f"Failed to parse the request body as JSON: {exc}")
+        if not isinstance(payload, dict) or not isinstance(payload.get("inputs"), str):
+            self.problems.append("inputs is not a string")
+            return got, web.Response(status=422, text="Failed to deserialize the JSON body into the target type: "
+                                     "inputs: invalid type, expected a string at line 1 column 10")
+        got.inputs = payload["inputs"]
         got.parameters = payload.get("parameters") or {}
         problem = self._check(got, stream=request.path == "/generate_stream")
-        return got, (self._problem(problem) if problem else None)
+        if problem:
+            return got, self._problem(problem)
+        return got, self._validate_length(got, bool(payload.get("add_special_tokens", True)))
+
+    def _encode(self, got: Received, add_special_tokens: bool) -> list[int]:
+        """The router's encoding: text chunks verbatim, `<image>` for each image (`validation.rs` 823-853)."""
+        query = "".join(c if isinstance(c, str) else tgi_shard.IMAGE_TOKEN for c in got.chunks)
+        return ([tgi_shard.BOS_ID] if add_special_tokens else []) + tgi_shard.encode(query)
+
+    def _validate_length(self, got: Received, add_special_tokens: bool) -> web.Response | None:
+        got.input_length = len(self._encode(got, add_special_tokens))
+        if got.path == "/tokenize":
+            return None
+        max_input, max_total = self.info["max_input_tokens"], self.info["max_total_tokens"]
+        max_new = got.parameters.get("max_new_tokens") or max(1, max_total - got.input_length)
+        message = None
+        if got.input_length + max_new > max_total:
+            message = (f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. "
+                       f"Given: {got.input_length} `inputs` tokens and {max_new} `max_new_tokens`")
+        elif got.input_length > max_input:
+            message = f"`inputs` must have less than {max_input} tokens. Given: {got.input_length}"
+        if message is None:
+            return None
+        self.refusals.append(message)
+        return _error(422, f"Input validation error: {message}", "validation")
 
     def _check(self, got: Received, *, stream: bool) -> str | None:
         p = got.parameters
-        if not isinstance(got.inputs, str) or not got.inputs:
+        if not got.inputs:
             return "inputs must be a non-empty string"
+        if got.path == "/tokenize":
+            p = {}
         if unknown := set(p) - KNOWN_PARAMETERS:
             return f"unknown parameters {sorted(unknown)}"
         if not isinstance(p.get("max_new_tokens", 1), int) or p.get("max_new_tokens", 1) < 1:
@@ -207,7 +221,12 @@ class FakeTgi:
             return "decoder_input_details == True is not supported when streaming tokens"
         if got.inputs.startswith("<s>"):
             return "inputs start with <s>: TGI adds the BOS itself"
-        for url in IMAGE_MARKDOWN.findall(got.inputs):
+        start = 0
+        for found in IMAGE_MARKDOWN.finditer(got.inputs):
+            if found.start() != start:
+                got.chunks.append(got.inputs[start:found.start()])
+            start = found.end()
+            url = found.group(1)
             match = re.fullmatch(r"data:(image/[a-z]+);base64,([A-Za-z0-9+/=]+)", url)
             if not match:
                 return "an inline image is not a base64 data URI"
@@ -219,6 +238,9 @@ class FakeTgi:
             if Image.MIME.get(image.format or "") != match.group(1):
                 return f"image is {image.format}, data URI says {match.group(1)}"
             got.images.append(image)
+            got.chunks.append(image)
+        if start != len(got.inputs):
+            got.chunks.append(got.inputs[start:])
         return None
 
     def _problem(self, problem: str, status: int = 422) -> web.Response:
@@ -235,15 +257,45 @@ class FakeTgi:
         plan = self._plan()
         if plan.status != 200:
             return _plan_error(plan)
+        try:
+            prefilled = await self._prefill(got)
+        except Exception as exc:
+            return _error(424, _generation_error(exc), "generation")
         p = got.parameters
         tokens, finish = self._run_model(plan, p)
         details: dict[str, Any] | None = None
         if p.get("details"):
             details = {"finish_reason": finish, "generated_tokens": len(tokens), "seed": p.get("seed"),
-                       "prefill": [], "tokens": [_token(i, t) for i, t in enumerate(tokens)]}
+                       "prefill": [], "tokens": self._token_events(prefilled.ids, tokens)}
             if p.get("decoder_input_details"):
-                details["prefill"] = self.prefill(got.inputs)
+                details["prefill"] = prefilled.prefill
         return web.json_response({"generated_text": _text(tokens), "details": details})
+
+    async def _prefill(self, got: Received) -> tgi_shard.Prefilled:
+        prefilled = await self.shard.prefill(list(got.chunks))
+        got.shard_ids = prefilled.ids
+        if prefilled.truncated:
+            self.problems.append(f"the shard cut the prompt's start: over {self.shard.max_truncation} tokens")
+        return prefilled
+
+    def _token_events(self, prompt_ids: list[int], tokens: list[Token]) -> list[dict[str, Any]]:
+        """Generated tokens as TGI reports them, each with the model's log-probability after what came before."""
+        ids = list(prompt_ids)
+        out = []
+        for i, token in enumerate(tokens):
+            event = _token(i, token)
+            event["logprob"] = self.shard.logprob(ids, event["id"])
+            ids.append(event["id"])
+            out.append(event)
+        return out
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        got, refused = await self._read(request)
+        if refused:
+            return refused
+        body = json.loads(await request.read())
+        ids = self._encode(got, bool(body.get("add_special_tokens", True)))
+        return web.json_response([{"id": i, "text": tgi_shard.token_text(i), "start": 0, "stop": 0} for i in ids])
 
     async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
         got, refused = await self._read(request)
@@ -255,10 +307,17 @@ class FakeTgi:
         tokens, finish = self._run_model(plan, got.parameters)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        try:
+            prefilled = await self._prefill(got)
+        except Exception as exc:
+            await response.write(_sse({"error": _generation_error(exc), "error_type": "generation"}))
+            await response.write_eof()
+            return response
+        token_events = self._token_events(prefilled.ids, tokens)
         self.streams_open += 1
         self.max_streams_open = max(self.max_streams_open, self.streams_open)
         try:
-            async for piece in self._events(plan, tokens, finish, got):
+            async for piece in self._events(plan, tokens, token_events, finish, got):
                 if plan.chunk_bytes:
                     for start in range(0, len(piece), plan.chunk_bytes):
                         await response.write(piece[start:start + plan.chunk_bytes])
@@ -279,9 +338,9 @@ class FakeTgi:
             self.streams_open -= 1
         return response
 
-    async def _events(self, plan: Plan, tokens: list[Token], finish: str, got: Received) -> AsyncIterator[bytes]:
-        input_length = len(self.prefill(got.inputs))
-        for i, token in enumerate(tokens):
+    async def _events(self, plan: Plan, tokens: list[Token], token_events: list[dict[str, Any]], finish: str,
+                      got: Received) -> AsyncIterator[bytes]:
+        for i in range(len(tokens)):
             if i == plan.stall_after:
                 while True:  # silence, apart from keep-alives: those must not count as progress
                     await asyncio.sleep(0.05)
@@ -294,13 +353,13 @@ class FakeTgi:
             if plan.token_delay_s:
                 await asyncio.sleep(plan.token_delay_s)
             last = i == len(tokens) - 1
-            event: dict[str, Any] = {"index": i, "token": _token(i, token), "top_tokens": None,
+            event: dict[str, Any] = {"index": i, "token": token_events[i], "top_tokens": None,
                                      "generated_text": None, "details": None}
             if last:
                 event["generated_text"] = _text(tokens)
                 if got.parameters.get("details"):
                     event["details"] = {"finish_reason": finish, "generated_tokens": len(tokens),
-                                        "seed": got.parameters.get("seed"), "input_length": input_length}
+                                        "seed": got.parameters.get("seed"), "input_length": got.input_length}
             if plan.keepalives:
                 yield b":\n"
             yield _sse(event)
@@ -323,29 +382,15 @@ class FakeTgi:
                 return out, "length"
         return out, "length"
 
-    def prefill(self, inputs: str) -> list[dict[str, Any]]:
-        """The prompt's tokens as TGI's `details.prefill`: BOS first (no log-probability), then each token."""
-        pieces = [("<s>", True)]
-        rest = IMAGE_MARKDOWN.sub(" <image> ", inputs)
-        pieces += words(rest)
-        out = []
-        for i, (text, _special) in enumerate(pieces):
-            out.append({"id": _token_id(text), "text": text,
-                        "logprob": None if i == 0 else self.logprobs.get(text.strip(), -1.0)})
-        return out
-
-
-_VOCAB: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
-
-
-def _token_id(text: str) -> int:
-    """A stable id per distinct token text, like a vocabulary."""
-    return _VOCAB.setdefault(text, len(_VOCAB))
-
 
 def _token(i: int, token: Token) -> dict[str, Any]:
     text, special = token
-    return {"id": _token_id(text), "text": text, "logprob": -0.5, "special": special}
+    return {"id": tgi_shard.piece_id(text, special), "text": text, "logprob": -0.5, "special": special}
+
+
+def _generation_error(exc: Exception) -> str:
+    """The router's text for a shard failure (`Request failed during generation: Server error: ...`)."""
+    return f"Request failed during generation: Server error: {exc}"
 
 
 def _text(tokens: list[Token]) -> str:

@@ -24,6 +24,7 @@ from bot.discord_app.cogs.frame import CommandCog, host_of
 from bot.discord_app.replies import InteractionReplySink
 from bot.discord_app.triggers import DEFAULT_ANSWER_MODE, DEFAULT_RECORD_MODE
 from bot.errors import UserInputError
+from bot.pipeline.budget import answer_room
 from storage import ChannelSettings
 
 NEEDS_MANAGE_CHANNELS = "you need the Manage Channels permission to do that here"
@@ -37,6 +38,10 @@ _SETTING_NAMES = ("answer_mode", "record_mode", "system_prompt", "max_new_tokens
 
 class _NotAllowed(UserInputError):
     default_user_message = NEEDS_MANAGE_CHANNELS
+
+
+class _DoesNotFit(UserInputError):
+    default_user_message = "that answer length does not fit the model's context"
 
 
 def _choices(*values: str) -> list[app_commands.Choice[str]]:
@@ -117,6 +122,8 @@ class ChannelCommands(CommandCog):
                 changes["temperature"] = temperature
             store = self.services.database.store
             key = str(interaction.channel_id)
+            if {"max_new_tokens", "system_prompt"} & changes.keys():
+                self._check_answer_room(await store.channel_settings(key), changes)
             if changes:
                 # Checked by storage (`validate_setting`) before anything is written: Discord's own range
                 # checks are client-side only.
@@ -128,6 +135,20 @@ class ChannelCommands(CommandCog):
             await self.send_text(interaction, f"{head}\n{self.describe_settings(current)}", ephemeral=True)
 
         await self.run_command(interaction, "settings", work, ephemeral=True)
+
+    def _check_answer_room(self, current: ChannelSettings, changes: dict[str, Any]) -> None:
+        """Refuse settings under which no answer of `max_new_tokens` fits the model's context with the prompt."""
+        defaults = self.services.settings.chat_defaults()
+        system_prompt = changes["system_prompt"] if "system_prompt" in changes else current.system_prompt
+        wanted = changes["max_new_tokens"] if "max_new_tokens" in changes else current.max_new_tokens
+        wanted = wanted or defaults.max_new_tokens
+        room = answer_room(self.services.model, defaults, system_prompt)
+        if wanted > room.max_new_tokens:
+            raise _DoesNotFit(
+                f"max_new_tokens {wanted} does not fit: the model reads {room.max_positions} tokens in all and "
+                f"this channel's prompt needs at least {room.prompt_needs}, so at most "
+                f"{max(room.max_new_tokens, 0)} here",
+                detail=f"max_new_tokens={wanted} room={room.max_new_tokens}")
 
     def describe_settings(self, current: ChannelSettings) -> str:
         """One line per setting: the channel's value, or the default it falls back to."""

@@ -14,7 +14,7 @@ import discord
 from discord.ext import commands
 
 from bot.discord_app.protocol import CommandHost
-from bot.discord_app.replies import NO_MENTIONS, InteractionReplySink, split_message
+from bot.discord_app.replies import NO_MENTIONS, InteractionReplySink, split_message, spoiler_parts
 from bot.errors import UserInputError, user_message
 from bot.pipeline.conversation import EMPTY_ANSWER, ReplySink
 from model_server.errors import Busy, ModelServerError
@@ -37,6 +37,11 @@ def context_of(interaction: discord.Interaction) -> str:
     return f"interaction={interaction.id} channel={interaction.channel_id} user={interaction.user.id}"
 
 
+def has_spoiler_image(interaction: discord.Interaction) -> bool:
+    """Whether an attachment option of the command was sent as a spoiler: then the answer is hidden too."""
+    return any(isinstance(value, discord.Attachment) and value.is_spoiler() for _, value in interaction.namespace)
+
+
 def host_of(bot: commands.Bot) -> CommandHost:
     """`bot` as the cogs use it; an extension's `setup` receives it typed as a plain `commands.Bot`."""
     if not isinstance(bot, CommandHost):
@@ -57,7 +62,8 @@ class CommandCog(commands.Cog):
         started = time.monotonic()
         await interaction.response.defer(thinking=True, ephemeral=ephemeral)
         sink = InteractionReplySink(interaction, ephemeral=ephemeral,
-                                    edit_interval_s=self.services.settings.stream_edit_interval_s)
+                                    edit_interval_s=self.services.settings.stream_edit_interval_s,
+                                    spoiler=has_spoiler_image(interaction))
         try:
             await work(sink)
         except (UserInputError, PromptError, ModelServerError, StorageError) as exc:
@@ -80,7 +86,7 @@ class CommandCog(commands.Cog):
 
     async def send_text(self, interaction: discord.Interaction, text: str, *, ephemeral: bool = False) -> None:
         """A finished, non-streamed answer: the deferred original, then followups past 2000 characters."""
-        parts = split_message(text) or [EMPTY_ANSWER]
+        parts = (spoiler_parts(text) if has_spoiler_image(interaction) else split_message(text)) or [EMPTY_ANSWER]
         await interaction.edit_original_response(content=parts[0], allowed_mentions=NO_MENTIONS)
         for part in parts[1:]:
             await interaction.followup.send(part, allowed_mentions=NO_MENTIONS, ephemeral=ephemeral)

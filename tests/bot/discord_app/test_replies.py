@@ -5,7 +5,13 @@ from __future__ import annotations
 import discord
 import pytest
 
-from bot.discord_app.replies import MESSAGE_LIMIT, InteractionReplySink, MessageReplySink, split_message
+from bot.discord_app.replies import (
+    MESSAGE_LIMIT,
+    InteractionReplySink,
+    MessageReplySink,
+    split_message,
+    spoiler_parts,
+)
 from tests.bot.discord_app.conftest import RunningBot
 
 
@@ -44,6 +50,23 @@ def test_overlong_line_is_cut() -> None:
 def test_every_chunk_fits_whatever_the_text(limit: int) -> None:
     text = ("```\n" + "y" * 700 + "\n" + "short\n" * 50 + "```\n") * 5 + "z" * 2500
     assert all(0 < len(c) <= limit for c in split_message(text, limit))
+
+
+def hidden(part: str) -> bool:
+    """Discord shows nothing of `part` until clicked: one `||...||` pair around all of it, none inside."""
+    return (part.startswith("||") and part.endswith("||") and len(part) > 4 and "||" not in part[2:-2]
+            and not part[2:-2].endswith("|"))
+
+
+@pytest.mark.parametrize("text", [
+    "short", "x" * 4500, "\n".join(f"{i}: " + "word " * 30 for i in range(100)), "a||b|||c||" * 300,
+    "ends with a pipe |", "```\n" + "code line\n" * 400 + "```",
+])
+def test_spoiler_parts_hide_every_part_within_the_limit(text: str) -> None:
+    parts = spoiler_parts(text)
+    assert parts and all(len(p) <= MESSAGE_LIMIT and hidden(p) for p in parts)
+    if "```" not in text:  # (a split code block is closed and reopened: more text than was given)
+        assert "".join(p[2:-2] for p in parts).replace("\u200b", "").replace("\n", "") == text.replace("\n", "")
 
 
 # -- MessageReplySink against the fake --------------------------------------------------------------------
@@ -137,3 +160,20 @@ async def test_interaction_sink_edits_the_original_then_follows_up(running_bot: 
     assert record.original_edits[0]["content"] == "⏳ queued, 3 ahead"
     assert all(e["allowed_mentions"] == {"parse": []} for e in record.original_edits)
     assert record.followups[0].allowed_mentions == {"parse": []}
+
+
+async def test_a_spoiler_answer_is_hidden_in_every_edit_and_every_part(running_bot: RunningBot) -> None:
+    fake, world = running_bot.fake, running_bot.world
+    asked = await asking_message(running_bot)
+    text = "\n".join(f"{i}: " + "the picture shows a || plot twist " * 3 for i in range(70))
+    async with MessageReplySink.for_message(asked, edit_interval_s=0.0, spoiler=True) as sink:
+        await sink.queued(1)
+        for start in range(0, len(text), 150):
+            await sink.delta(text[start:start + 150])
+        reply = await sink.finish(text)
+    sent = fake.sent_messages(world.images)
+    assert len(sent) >= 3 and reply is not None and reply.text == text  # stored as the model wrote it
+    created = [r.json["content"] for r in fake.requests_to("POST", f"/channels/{world.images.id}/messages")]
+    shown = [*created, *(e["content"] for m in sent for e in m.edits), *(m.content for m in sent)]
+    assert len(shown) > 10
+    assert all(hidden(c) for c in shown if not c.startswith("⏳")), [c[:40] for c in shown if not hidden(c)][:3]

@@ -33,6 +33,14 @@ def test_plain_messages_follow_the_channel_modes() -> None:
     assert rules(facts(), answer_mode="always", record_mode="addressed") == Decision(record=True, answer=True)
 
 
+def test_a_forward_is_answered_in_a_dm_only() -> None:
+    assert rules(facts(is_forward=True, is_dm=True)) == Decision(record=True, answer=True)
+    assert rules(facts(is_forward=True)) == Decision(record=True, answer=False)
+    assert rules(facts(is_forward=True), answer_mode="always") == Decision(record=True, answer=False)
+    assert rules(facts(is_forward=True), record_mode="addressed") == Decision(record=False, answer=False)
+    assert rules(facts(is_forward=True, is_dm=True), answer_dms=False) == Decision(False, False)
+
+
 def test_itself_system_messages_bots_and_dms_off() -> None:
     assert rules(facts(from_self=True, mentions_bot=True)) == Decision(False, False)
     assert rules(facts(is_system=True, mentions_bot=True)) == Decision(False, False)

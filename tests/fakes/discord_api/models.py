@@ -44,13 +44,20 @@ DEFAULT_EVERYONE_PERMISSIONS = (
 
 # Channel types
 GUILD_TEXT = 0
+GUILD_FORUM = 15
 DM = 1
 PUBLIC_THREAD = 11
 PRIVATE_THREAD = 12
 
-# Message flags
+# Message flags (docs/resources/message.mdx, "Message Flags")
 EPHEMERAL = 1 << 6
 LOADING = 1 << 7
+HAS_SNAPSHOT = 1 << 14
+"""This message is a forward: its content is in `message_snapshots`."""
+
+# Attachment flags (docs/resources/message.mdx, "Attachment Flags")
+ATTACHMENT_IS_SPOILER = 1 << 3
+"""This attachment was marked as a spoiler and is blurred until clicked."""
 
 
 class SnowflakeGenerator:
@@ -285,6 +292,9 @@ class FakeChannel:
                 "default_auto_archive_duration": 1440,
                 "flags": 0,
             }
+            if self.type == GUILD_FORUM:  # docs/resources/channel.mdx, "Channel Object": forum-only fields
+                data.update({"available_tags": [], "default_reaction_emoji": None, "default_sort_order": None,
+                             "default_forum_layout": 0, "default_thread_rate_limit_per_user": 0})
         if with_guild_id and self.guild is not None:
             data["guild_id"] = str(self.guild.id)
         return data

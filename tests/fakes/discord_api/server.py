@@ -23,10 +23,13 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from .models import (
+    ATTACHMENT_IS_SPOILER,
     DEFAULT_EVERYONE_PERMISSIONS,
     DM,
     EPHEMERAL,
+    GUILD_FORUM,
     GUILD_TEXT,
+    HAS_SNAPSHOT,
     LOADING,
     MANAGE_CHANNELS,
     MANAGE_MESSAGES,
@@ -354,6 +357,44 @@ class FakeDiscord:
         self.channels[thread.id] = thread
         return thread
 
+    def add_forum_channel(self, guild: FakeGuild, name: str, *, topic: str | None = None) -> FakeChannel:
+        """A GUILD_FORUM channel (type 15, docs/resources/channel.mdx "Channel Types"): it holds only threads,
+        its posts."""
+        channel = FakeChannel(self.snowflake(), GUILD_FORUM, name, guild, position=len(guild.channels), topic=topic)
+        guild.channels.append(channel)
+        self.channels[channel.id] = channel
+        return channel
+
+    async def post_in_forum(
+        self,
+        author: FakeUser | FakeMember,
+        forum: FakeChannel,
+        title: str,
+        content: str = "",
+        *,
+        attachments: Iterable[dict[str, Any]] = (),
+        mentions_bot: bool = False,
+        dispatch: bool = True,
+    ) -> tuple[FakeChannel, MessageRecord]:
+        """A user's forum post, as Discord makes one (docs/resources/channel.mdx, "Start Thread in Forum or Media
+        Channel": "a message is created that has the same ID as the thread"): a public thread under ``forum``
+        whose first message lives in the thread itself, with the thread's id. Dispatches THREAD_CREATE, then that
+        message's MESSAGE_CREATE (docs/events/gateway-events.mdx, "Thread Create", "Message Create"); with
+        ``dispatch=False`` neither (a post made while the bot was away)."""
+        assert forum.type == GUILD_FORUM and forum.guild is not None
+        user = _user_of(author)
+        thread_id = self.snowflake()
+        thread = FakeChannel(thread_id, PUBLIC_THREAD, title, forum.guild, parent_id=forum.id, owner_id=user.id)
+        forum.guild.threads.append(thread)
+        self.channels[thread_id] = thread
+        forum.last_message_id = thread_id  # a forum's last_message_id is its newest post's (thread's) id
+        payload = self.message_payload(thread, author, content, attachments, mentions_bot, message_id=thread_id)
+        record = self._store(MessageRecord(payload, kind="user"))
+        if dispatch:
+            await self.dispatch_thread_create(thread)
+            await self.dispatch("MESSAGE_CREATE", payload)
+        return thread, record
+
     def add_dm(self, user: FakeUser | FakeMember) -> FakeChannel:
         user = _user_of(user)
         for channel in self.channels.values():
@@ -372,8 +413,13 @@ class FakeDiscord:
         width: int | None = None,
         height: int | None = None,
         description: str | None = None,
+        spoiler: bool = False,
     ) -> dict[str, Any]:
-        """Register bytes served at ``/attachments/{id}/{filename}``; returns the attachment payload."""
+        """Register bytes served at ``/attachments/{id}/{filename}``; returns the attachment payload.
+
+        ``spoiler`` sets the IS_SPOILER attachment flag (docs/resources/message.mdx, "Attachment Flags":
+        ``1 << 3``, "this attachment was marked as a spoiler and is blurred until clicked"); a file uploaded
+        with a ``SPOILER_`` name prefix is a spoiler too, whatever its flags."""
         content_type = content_type or mimetypes.guess_type(filename)[0]
         att_id = self.snowflake()
         self._attachment_data[att_id] = UploadedFile("attachment", filename, content_type, data)
@@ -388,7 +434,7 @@ class FakeDiscord:
             "width": width,
             "height": height,
             "ephemeral": False,
-            "flags": 0,
+            "flags": ATTACHMENT_IS_SPOILER if spoiler else 0,
         }
         if description is not None:
             payload["description"] = description
@@ -634,12 +680,52 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", payload)
         return record
 
+    async def forward_message(
+        self,
+        user: FakeUser | FakeMember,
+        original: MessageRecord,
+        channel: FakeChannel,
+    ) -> MessageRecord:
+        """``user`` forwards ``original`` into ``channel``, as Discord sends a forward (docs/resources/message.mdx,
+        "Message Reference Types", "Forwards", "Message Snapshot Object"): a DEFAULT-type message with empty
+        content and no attachments of its own, flag HAS_SNAPSHOT, a ``message_reference`` of type 1 (FORWARD)
+        pointing at the original (no ``referenced_message``: that field goes with replies), and one
+        ``message_snapshots`` entry holding a copy of the original's ``type``, ``content``, ``embeds``,
+        ``attachments``, ``timestamp``, ``edited_timestamp``, ``flags``, ``mentions`` and ``mention_roles``
+        (never its author). Stored and dispatched as MESSAGE_CREATE."""
+        payload = self.message_payload(channel, user, "", flags=HAS_SNAPSHOT)
+        source = original.payload
+        reference = {"type": 1, "message_id": source["id"], "channel_id": source["channel_id"]}
+        if source.get("guild_id"):
+            reference["guild_id"] = source["guild_id"]
+        payload["message_reference"] = reference
+        fields = ("type", "content", "embeds", "attachments", "timestamp", "edited_timestamp", "flags", "mentions",
+                  "mention_roles")
+        payload["message_snapshots"] = [{"message": {k: copy.deepcopy(source.get(k)) for k in fields}}]
+        snapshot = payload["message_snapshots"][0]["message"]
+        snapshot["flags"] = snapshot["flags"] or 0
+        snapshot["mentions"] = snapshot["mentions"] or []
+        snapshot["mention_roles"] = snapshot["mention_roles"] or []
+        record = self._store(MessageRecord(payload, kind="user"))
+        await self.dispatch("MESSAGE_CREATE", payload)
+        return record
+
     async def dispatch_message_update(self, message: MessageRecord | int, **changes: Any) -> MessageRecord:
         record = self.messages[message if isinstance(message, int) else message.id]
         record.payload.update(changes)
         record.payload["edited_timestamp"] = iso()
         await self.dispatch("MESSAGE_UPDATE", record.payload)
         return record
+
+    async def dispatch_partial_message_update(self, message: MessageRecord | int) -> dict[str, Any]:
+        """MESSAGE_UPDATE carrying only ``id`` and ``channel_id``, as older gateway versions sent it when Discord
+        only added an embed (docs/events/gateway-events.mdx, "Message Update": "unlike creates, message updates
+        may contain only a subset of the full message object payload"). Returns the payload sent."""
+        record = self.messages[message if isinstance(message, int) else message.id]
+        data = {"id": str(record.id), "channel_id": str(record.channel_id)}
+        await self.dispatch("MESSAGE_UPDATE", data, guild_id=record.payload.get("guild_id") and
+                            int(record.payload["guild_id"]))
+        return data
 
     async def dispatch_message_delete(self, message: MessageRecord | int) -> None:
         record = self.messages[message if isinstance(message, int) else message.id]

@@ -33,7 +33,8 @@ async def test_a_mention_is_answered_through_tgi(tmp_path: Path, fake_discord: F
     async with open_services(settings, allow_private_links=True) as services:
         assert isinstance(services.executor, TgiExecutor)
         assert services.model.name == "HuggingFaceM4/idefics-9b-instruct" and services.model.instruct
-        assert services.model.max_positions == 1024 + 40  # TGI's max_input_tokens + the answer
+        # TGI's max_input_tokens bounds the prompt, its max_total_tokens the prompt and each channel's answer.
+        assert services.model.prompt_budget(40) == 1024 and services.model.prompt_budget(1500) == 2048 - 1500
         async with run_bot(fake_discord, services) as running:
             world = fake_discord.world
             image = add_image_attachment(fake_discord, seed=3)
@@ -86,4 +87,4 @@ async def test_a_served_folder_is_read_for_its_tokenizer(tmp_path: Path, fake_tg
     async with open_executor(tgi_settings(tmp_path, fake_tgi.url)) as (_executor, info):
         assert info.name == str(tiny_model_path) and info.instruct
         assert info.count_tokens is not None and info.count_tokens("User: hello") > 0
-        assert info.max_positions == 1024 + 40
+        assert info.prompt_budget(40) == 1024 and not info.count_blocks  # counted here, not by TGI

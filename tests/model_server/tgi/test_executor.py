@@ -140,13 +140,15 @@ async def test_rank_uses_prefill_logprobs_after_the_prompt(tgi: TgiExecutor, fak
     weights = [math.exp(s) for s in (-0.2, -1.0, -2.0)]
     assert [r.probability for r in ranked] == pytest.approx([w / sum(weights) for w in weights])
     sent = fake_tgi.generation_requests()
-    assert len(sent) == 4 and all(r.path == "/generate" for r in sent)
+    # The prompt alone, the prompt and the token it generated (the anchor), then each category.
+    assert len(sent) == 5 and all(r.path == "/generate" for r in sent)
     assert all(r.parameters["decoder_input_details"] and r.parameters["details"]
                and r.parameters["max_new_tokens"] == 1 for r in sent)
-    assert sent[1].inputs == sent[0].inputs + " dog"
+    assert sent[1].inputs == sent[0].inputs + " This"
+    assert sent[2].inputs == sent[0].inputs + " dog\n"
     # The prompt's own prefill is cached: a second ranking asks only for the categories.
     await tgi.rank(prompt, categories)
-    assert len(fake_tgi.generation_requests()) == 7
+    assert len(fake_tgi.generation_requests()) == 8
 
 
 # -- start-up ---------------------------------------------------------------------------------------
@@ -156,7 +158,8 @@ async def test_start_reads_info(tgi: TgiExecutor):
     assert tgi.server is not None
     assert tgi.server.model_id == "HuggingFaceM4/idefics-9b-instruct"
     assert tgi.server.max_input_tokens == 1024 and tgi.server.max_total_tokens == 2048
-    assert tgi.server.max_positions(256) == 1024 + 256
+    assert tgi.server.max_positions() == 2048
+    assert tgi.server.prompt_budget(256) == 1024 and tgi.server.prompt_budget(1100) == 2048 - 1100
 
 
 async def test_unhealthy_server_is_a_clear_error(fake_tgi: FakeTgi, tgi_config: TgiConfig):
@@ -295,7 +298,7 @@ async def test_events_split_anywhere_across_chunks(tgi: TgiExecutor, fake_tgi: F
 
 
 def test_sse_parser_framing():
-    from model_server.remote.http import SseParser
+    from model_server.remote.sse import SseParser
 
     stream = (b": hello\r\ndata: {\"a\": 1}\r\n\r\ndata:line one\ndata: line two\nid: 3\n\n"
               b"event: x\rdata: caf\xc3\xa9\r\r: only a comment\n\ndata: unfinished")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -89,3 +90,49 @@ async def test_token_and_message_text_never_logged(debug_logs: Everything, bot_s
     for secret in (TOKEN, MENTION_TEXT, QUESTION_TEXT):
         leaks = [(r.name, r.msg) for r in records if any(secret in t for t in texts_of(r))]
         assert not leaks, f"{secret[:12]}... logged by {leaks[:3]}"
+
+
+async def test_no_token_the_fake_discord_issued_is_logged(debug_logs: Everything, bot_settings,
+                                                          services_factory) -> None:
+    """Interaction tokens travel in URL paths (`/interactions/{id}/{token}/callback`, `/webhooks/{app}/{token}/...`)
+    that discord.py's HTTP and webhook loggers write at DEBUG: none may reach a log line, formatted or not."""
+    settings = Settings(**{**bot_settings.model_dump(), "discord_token": TOKEN, "max_new_tokens": 40},
+                        _env_file=None)
+    install_log_redaction([settings.discord_token.get_secret_value()])  # as `idefics-bot run` does
+    try:
+        async with FakeDiscord(token=TOKEN) as fake:
+            world = fake.build_default_world()
+            with fake.patch_discord():
+                async with services_factory(settings) as services, run_bot(fake, services) as running:
+                    asked = await fake.send_message_as(world.member, world.general, "hi", mentions_bot=True)
+                    await answer_to(running, world.general, asked)
+                    image = add_image_attachment(fake, seed=3)
+                    completed: list[int] = []
+
+                    async def on_app_command_completion(interaction: Any, _command: Any) -> None:
+                        completed.append(interaction.id)
+
+                    running.bot.add_listener(on_app_command_completion)
+                    for name, options, member in (
+                        ("ask", {"image": image, "question": "what is it?"}, world.member),  # streamed edits
+                        ("settings", {}, world.moderator),  # ephemeral
+                        ("settings", {"max_new_tokens": 5}, world.member),  # refused
+                        ("caption", {"image": image}, world.member),
+                    ):
+                        payload = fake.slash_command_payload(name, options, channel=world.images, member=member)
+                        await run_interaction(running, payload)
+                    # Streamed answers go on after their first edit: every command ends before the bot stops.
+                    await fake.wait_for(lambda: len(completed) == 4, 30, "every command to complete")
+                    await settle(running)
+                    issued = [TOKEN, *(record.token for record in fake.interactions.values())]
+    finally:
+        uninstall_log_redaction()
+    assert len(issued) == 5
+    records = [r for r in debug_logs.records if not r.name.startswith("tests.")]
+    assert any(r.name.startswith("discord.webhook") for r in records), "discord.py's webhook logs were not captured"
+    assert any("/interactions/" in r.getMessage() for r in records), "no interaction URL was logged at all"
+    lines = [logging.Formatter("%(name)s %(message)s").format(r) for r in records]
+    for secret in issued:
+        leaks = [line[:80] for line, r in zip(lines, records, strict=True)
+                 if secret in line or any(secret in t for t in texts_of(r))]
+        assert not leaks, f"token {secret[:20]}... logged: {leaks[:3]}"

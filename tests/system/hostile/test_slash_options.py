@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from bot.discord_app.command_errors import BAD_OPTION
 from bot.errors import INTERNAL_ERROR
-from tests.bot.discord_app.conftest import RunningBot, add_image_attachment
+from tests.bot.discord_app.conftest import RunningBot, add_image_attachment, answer_to
 from tests.system.hostile.slash import run_interaction
 
 NONE = {"parse": []}
@@ -99,3 +100,69 @@ async def test_hostile_options_get_an_answer_or_one_short_message(
     await fake.wait_for_message(world.general, lambda m: m.message_reference is not None
                                 and int(m.message_reference["message_id"]) == asked.id
                                 and not m.content.startswith("⏳"), 20)
+
+
+async def answered_by_tree(running: RunningBot, payload: dict[str, Any]) -> Any:
+    """Dispatch an interaction that fails before its command runs; wait for its answer (the callback)."""
+    fake = running.fake
+    await fake.dispatch("INTERACTION_CREATE", payload)
+    record = fake.interaction_responses(int(payload["id"]))
+    await fake.wait_for(lambda: record.original is not None and not record.original.loading, 15,
+                        f"an answer to interaction {record.id}")
+    return record
+
+
+@pytest.mark.parametrize("case", ["outside choices", "attachment not resolved"])
+async def test_an_interaction_that_fails_before_its_command_gets_one_short_message(
+        running_bot: RunningBot, caplog: pytest.LogCaptureFixture, case: str) -> None:
+    caplog.set_level(logging.WARNING, logger="discord")
+    caplog.set_level(logging.DEBUG, logger="bot")  # last: it sets the capturing handler's level too
+    fake, world = running_bot.fake, running_bot.world
+    if case == "outside choices":  # Discord checks choices in its client only; a crafted request skips them
+        payload = fake.slash_command_payload(
+            "settings", [{"name": "answer_mode", "type": 3, "value": "sometimes"}],
+            channel=world.general, member=world.moderator)
+    else:  # an attachment option whose id `data.resolved.attachments` does not hold
+        payload = fake.slash_command_payload(
+            "ask", [{"name": "image", "type": 11, "value": str(fake.snowflake())},
+                    {"name": "question", "type": 3, "value": "what is it?"}],
+            channel=world.images, member=world.member)
+    record = await answered_by_tree(running_bot, payload)
+    messages = [record.original, *record.followups]
+    assert len(record.callbacks) == 1 and len(messages) == 1
+    assert record.original.ephemeral and record.original.allowed_mentions == NONE
+    assert record.original.content == BAD_OPTION
+    # One line in the log, no traceback (neither ours nor discord.py's "Ignoring exception in command").
+    failed = [r for r in caplog.records if r.name.startswith(("bot", "discord")) and
+              (r.levelno >= logging.WARNING or r.exc_info)]
+    assert [r.getMessage().split(":")[0] for r in failed] == [f"/{payload['data']['name']} failed"]
+    assert all(r.exc_info is None for r in caplog.records)
+    # Still serving.
+    asked = await fake.send_message_as(world.member, world.general, "still there?", mentions_bot=True)
+    assert await answer_to(running_bot, world.general, asked)
+
+
+async def test_settings_refuse_an_answer_length_the_model_cannot_fit(running_bot: RunningBot) -> None:
+    fake, world = running_bot.fake, running_bot.world
+    max_positions = running_bot.services.model.max_positions
+
+    async def settings(options: dict[str, Any]) -> str:
+        payload = fake.slash_command_payload("settings", options, channel=world.general, member=world.moderator)
+        return check(await run_interaction(running_bot, payload))
+
+    # The tiny model reads 2048 tokens: a system prompt of about 1300 leaves no room for 1024 new ones
+    # (LLaMA gives every digit a token of its own).
+    long_prompt = "answer with these digits: " + "0123456789" * 130
+    refused = await settings({"system_prompt": long_prompt, "max_new_tokens": 1024})
+    assert refused.startswith("max_new_tokens 1024 does not fit") and str(max_positions) in refused
+    assert len(refused) < 200
+    current = await running_bot.store.channel_settings(str(world.general.id))
+    assert current.system_prompt is None and current.max_new_tokens is None  # nothing was written
+    # Each alone fits; then the other one no longer does.
+    assert (await settings({"max_new_tokens": 1024})).startswith("Changed")
+    assert "does not fit" in await settings({"system_prompt": long_prompt})
+    assert (await settings({"max_new_tokens": 24})).startswith("Changed")
+    assert (await settings({"system_prompt": long_prompt})).startswith("Changed")
+    asked = await fake.send_message_as(world.member, world.general, "ahoy?", mentions_bot=True)
+    answer = await answer_to(running_bot, world.general, asked)
+    assert not answer.content.startswith("the prompt")

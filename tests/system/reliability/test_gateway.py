@@ -105,3 +105,24 @@ async def test_a_message_sent_while_disconnected_is_answered_after_the_resume(
     answer = await answer_to(running_bot, world.general, asked)
     assert fake.resume_count == 1 and fake.identify_count == 1
     assert [m.id for m in replies_to(fake, asked)] == [answer.id]
+
+
+async def test_a_malformed_event_costs_that_event_not_the_bot(
+    running_bot: RunningBot, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.discord_app.gateway_guard")
+    fake, world = running_bot.fake, running_bot.world
+    earlier = await fake.send_message_as(world.member, world.general, "a link https://example.com/x")
+    await settle(running_bot)
+    # discord.py's parser cannot build a message from this payload: it raises inside the gateway read loop.
+    await fake.dispatch_partial_message_update(earlier)
+    await eventually(lambda: [r for r in caplog.records if "MESSAGE_UPDATE dropped" in r.getMessage()],
+                     what="the dropped event logged")
+    dropped = [r for r in caplog.records if "MESSAGE_UPDATE dropped" in r.getMessage()]
+    assert len(dropped) == 1 and dropped[0].exc_info is None and str(earlier.id) in dropped[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # Still connected, same session: a mention right after is answered.
+    asked = await fake.send_message_as(world.member, world.general, "still there?", mentions_bot=True)
+    answer = await answer_to(running_bot, world.general, asked)
+    assert answer is not None and not running_bot.bot.is_closed()
+    assert fake.identify_count == 1
