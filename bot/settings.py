@@ -16,7 +16,7 @@ from bot.pipeline.conversation import ChatDefaults
 from model_server.config import ModelConfig
 
 if TYPE_CHECKING:
-    from model_server.config import TgiConfig
+    from model_server.config import OpenAIConfig, TgiConfig
 
 DEFAULT_MODEL = "BOINCAIM4/idefics-9b-instruct"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./data/idefics-bot.sqlite3"
@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     (spread over all GPUs on CUDA). Checked when the model loads (`model_server.replicas.resolve_devices`)."""
     idefics_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     idefics_quantization: Literal["none", "4bit", "8bit"] = "none"
-    generation_backend: Literal["local", "tgi"] = "local"
+    generation_backend: Literal["local", "tgi", "openai"] = "local"
     tgi_url: str | None = None
     """Base URL of the text-generation-inference server (`GENERATION_BACKEND=tgi`), e.g. http://localhost:8080."""
     tgi_timeout_s: float = Field(default=10.0, gt=0)
@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     """At start, how long to wait for TGI to become ready (it loads the model) before giving up."""
     tgi_max_request_bytes: int = Field(default=2_000_000, ge=100_000)
     """TGI's `--payload-limit`: images are re-encoded smaller until each request body is under it."""
+    openai_base_url: str | None = None
+    """Base URL of an OpenAI-compatible server (`GENERATION_BACKEND=openai`), with its `/v1`, e.g.
+    http://localhost:8000/v1. The TGI_TIMEOUT_S, TGI_STALL_S, TGI_MAX_RETRIES, TGI_START_WAIT_S and
+    TGI_MAX_REQUEST_BYTES settings apply to it too."""
+    openai_api_key: SecretStr | None = None
+    """Sent as `Authorization: Bearer ...` (optional: vLLM runs without one unless started with `--api-key`)."""
+    openai_model: str = ""
+    """The model every request names (vLLM: its `--served-model-name`); empty: the first the server lists."""
 
     # Generation and queueing
     max_batch_size: int = Field(default=8, ge=1)
@@ -116,7 +124,8 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     """Address the metrics server listens on (`0.0.0.0`: every interface, e.g. in a container)."""
 
-    @field_validator("system_prompt", "tgi_url", "discord_api_base", "discord_gateway_url", "metrics_port",
+    @field_validator("system_prompt", "tgi_url", "openai_base_url", "openai_api_key", "discord_api_base",
+                     "discord_gateway_url", "metrics_port",
                      mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -192,6 +201,26 @@ class Settings(BaseSettings):
             max_retries=self.tgi_max_retries,
             start_wait_s=self.tgi_start_wait_s,
             max_body_bytes=self.tgi_max_request_bytes,
+        )
+
+    def openai_config(self) -> OpenAIConfig:
+        """The OpenAI-compatible backend's part of the settings (requires `OPENAI_BASE_URL`)."""
+        from model_server.config import OpenAIConfig
+
+        if not self.openai_base_url:
+            raise ValueError("OPENAI_BASE_URL is not set")
+        return OpenAIConfig(
+            url=self.openai_base_url,
+            max_batch_size=self.max_batch_size,
+            max_queue=self.max_queue,
+            request_timeout_s=self.request_timeout_s,
+            connect_timeout_s=self.tgi_timeout_s,
+            stall_s=self.tgi_stall_s,
+            max_retries=self.tgi_max_retries,
+            start_wait_s=self.tgi_start_wait_s,
+            max_body_bytes=self.tgi_max_request_bytes,
+            model=self.openai_model,
+            api_key=self.openai_api_key.get_secret_value() if self.openai_api_key else None,
         )
 
     def chat_defaults(self) -> ChatDefaults:

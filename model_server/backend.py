@@ -2,8 +2,9 @@
 
 `GenerationBackend` is what front ends (Discord, the terminal, metrics, health) know of a backend; they are typed
 against it and nothing else. Three classes keep it: `executor.Executor` (an in-process model on its own thread),
-`replicas.ReplicaPool` (several of those, used as one) and `tgi.TgiExecutor` (a text-generation-inference
-server). Only the code that opens backends (`bot.runtime`) names them.
+`replicas.ReplicaPool` (several of those, used as one), `tgi.TgiExecutor` (a text-generation-inference
+server) and `openai.OpenAIExecutor` (an OpenAI-compatible server); the last two share `remote.backend`. Only the
+code that opens backends (`bot.pipeline.services`) names them.
 
 Shared here: the request (`Job`) and the handle a caller holds for it (`RequestHandle`), the figures a backend
 reports (`ExecutorStats`, `BatchRecord`), settling a request on its event loop (`resolve_job`, `deliver_deltas`),
@@ -255,3 +256,20 @@ def rank_by_scores(categories: Sequence[str], scores: Sequence[float]) -> list[R
         (RankedCategory(c, w / total, s) for c, w, s in zip(categories, weights, scores, strict=True)),
         key=lambda r: r.probability, reverse=True,
     )
+
+
+def continuation_start(ids: Sequence[int], prompt_ids: Sequence[int], *, keep: int = 1) -> int:
+    """Where the category begins in `ids` (prompt then category): the first token where they leave `prompt_ids`,
+    the prompt's own tokens; at least 1 (the BOS has no log-probability) and leaving at least `keep` tokens.
+
+    A tokenizer may merge across the boundary, and then that merged token is scored too, as the local engine does.
+    """
+    common = next((k for k, (a, b) in enumerate(zip(ids, prompt_ids, strict=False)) if a != b),
+                  min(len(ids), len(prompt_ids)))
+    return max(1, min(common, len(ids) - keep))
+
+
+def continuation_score(ids: Sequence[int], logprobs: Sequence[float], prompt_ids: Sequence[int]) -> float:
+    """The summed log-probabilities of the tokens of `ids` (prompt then category, each token's log-probability
+    in `logprobs`) from `continuation_start`."""
+    return sum(logprobs[continuation_start(ids, prompt_ids):])

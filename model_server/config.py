@@ -4,7 +4,7 @@ Front ends build these from their settings; only the code that opens backends ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -42,17 +42,19 @@ DEFAULT_MAX_BODY_BYTES = 2_000_000
 
 
 @dataclass(frozen=True)
-class TgiConfig:
+class RemoteConfig:
+    """A model server reached over HTTP (text-generation-inference, or an OpenAI-compatible server)."""
+
     url: str
-    """Base URL of the TGI server (`TGI_URL`), e.g. `http://tgi:80`."""
+    """Base URL of the server (`TGI_URL`, e.g. `http://tgi:80`; `OPENAI_BASE_URL`, e.g. `http://vllm:8000/v1`)."""
     max_batch_size: int = 8
-    """Most requests sent to TGI at once (TGI batches them continuously)."""
+    """Most requests sent to the server at once (it batches them continuously)."""
     max_queue: int = 64
     """Most requests waiting here; past it `submit` raises `Busy`."""
     request_timeout_s: float = 180.0
     """Longest a request may take from submission to its last token, retries included."""
     connect_timeout_s: float = 10.0
-    """Connecting to TGI, and each of `/health` and `/info`."""
+    """Connecting to the server, and each start-up check."""
     stall_s: float = 60.0
     """Longest wait for the next streamed event (first token included) before the request fails."""
     max_retries: int = 3
@@ -60,6 +62,21 @@ class TgiConfig:
     backoff_s: float = 0.5
     """First retry pause, doubled each time; a `Retry-After` header wins."""
     start_wait_s: float = 0.0
-    """How long `start()` waits for TGI to become ready before giving up."""
+    """How long `start()` waits for the server to become ready before giving up."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    """TGI's `--payload-limit`: images are shrunk until a request body is under it."""
+    """The server's request size limit (TGI's `--payload-limit`): images are shrunk until a body is under it."""
+
+
+@dataclass(frozen=True)
+class TgiConfig(RemoteConfig):
+    """A text-generation-inference server (`GENERATION_BACKEND=tgi`)."""
+
+
+@dataclass(frozen=True)
+class OpenAIConfig(RemoteConfig):
+    """An OpenAI-compatible server (`GENERATION_BACKEND=openai`): vLLM, SGLang, TGI's Messages API, llama.cpp."""
+
+    model: str = ""
+    """`OPENAI_MODEL`, the `model` of every request; empty: the first model `GET /models` lists."""
+    api_key: str | None = field(default=None, repr=False)
+    """`OPENAI_API_KEY`, sent as `Authorization: Bearer ...`; never logged (not in `repr` either)."""

@@ -101,3 +101,11 @@ class RankedCategory:
     """Normalised over the given categories (they sum to 1)."""
     logprob: float
     """Sum of the category's token log-probabilities after the prompt."""
+    by_generation: bool = False
+    """The server gives no prompt log-probabilities: the model's generated answer picked this ranking (the
+    category it named first gets probability 1), nothing was scored. Front ends say so (`RANKED_BY_GENERATION`)."""
+
+
+RANKED_BY_GENERATION = ("this model server gives no prompt log-probabilities, so the model answered in words and "
+                        "the category it named is shown; the other categories were not scored")
+"""What front ends add to a ranking whose `by_generation` is set."""

@@ -102,6 +102,19 @@ def test_compose_local_bot_reserves_a_gpu_and_the_tgi_profile_uses_tgi() -> None
     assert tgi["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
+def test_compose_vllm_profile_uses_the_openai_backend_on_the_served_model() -> None:
+    services = compose()["services"]
+    bot, vllm = services["bot-vllm"], services["vllm"]
+    assert bot["profiles"] == vllm["profiles"] == ["vllm"]
+    assert bot["environment"]["GENERATION_BACKEND"] == "openai"
+    assert bot["environment"]["OPENAI_BASE_URL"] == "http://vllm:8000/v1"
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    command = vllm["command"]
+    assert command[command.index("--model") + 1] == bot["environment"]["OPENAI_MODEL"]
+    assert bot["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
 def test_dockerfile_installs_this_project_with_its_extras_and_runs_the_bot() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -157,18 +157,21 @@ def test_fixed_points_exist():
         assert (ROOT / name).exists(), name
 
 
-def test_the_bot_and_the_tgi_backend_run_without_loading_torch():
-    """torch stops at the edge of the in-process model: the bot's modules and the TGI backend never load it."""
+def test_the_bot_and_the_remote_backends_run_without_loading_torch():
+    """torch stops at the edge of the in-process model: the bot's modules, the TGI and the OpenAI-compatible
+    backends never load it."""
     import subprocess
     import sys
 
     code = ("import sys, bot.discord_app.app, bot.discord_app.cogs.tasks, bot.discord_app.cogs.channel, "
-            "bot.pipeline.conversation, model_server.executor, model_server.tgi; print('torch' in sys.modules)")
+            "bot.pipeline.conversation, model_server.executor, model_server.tgi, model_server.openai; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
-CONCRETE_BACKENDS = ("model_server.executor", "model_server.tgi", "model_server.replicas", "model_server.engine")
+CONCRETE_BACKENDS = ("model_server.executor", "model_server.tgi", "model_server.openai", "model_server.remote",
+                     "model_server.replicas", "model_server.engine")
 BACKEND_OPENER = "bot/pipeline/services.py"
 """The one front-end module that opens backends, and so names them."""
 

@@ -74,10 +74,15 @@ async def open_executor(settings: Settings, model: str | None = None,
 
     With `IDEFICS_DEVICES` listing several devices, one replica is loaded on each (one after the other) and the
     executor is a `ReplicaPool` (the same contract); listing one device loads a plain executor there.
-    With `GENERATION_BACKEND=tgi` nothing is loaded here: the executor sends requests to `TGI_URL`.
+    With `GENERATION_BACKEND=tgi` nothing is loaded here: the executor sends requests to `TGI_URL`; with
+    `GENERATION_BACKEND=openai`, to the OpenAI-compatible server at `OPENAI_BASE_URL`.
     """
     if settings.generation_backend == "tgi":
         async with open_tgi_executor(settings, model, progress) as opened:
+            yield opened
+        return
+    if settings.generation_backend == "openai":
+        async with open_openai_executor(settings, model, progress) as opened:
             yield opened
         return
     from model_server.loading import load_model
@@ -130,8 +135,37 @@ async def open_tgi_executor(settings: Settings, model: str | None = None,
         yield executor, info
 
 
+@contextlib.asynccontextmanager
+async def open_openai_executor(settings: Settings, model: str | None = None,
+                               progress: Callable[[str], None] | None = None,
+                               ) -> AsyncIterator[tuple[GenerationBackend, ModelInfo]]:
+    """An `OpenAIExecutor` on `OPENAI_BASE_URL`, checked ready, and the `ModelInfo` of the model it serves.
+
+    Chat-completions servers apply the model's own chat template, so prompts are always rendered as instruct
+    turns (the server reads the turns back from them). The prompt budget is the context length the server
+    reports (vLLM's `max_model_len`), else 2048 positions; `--model` names the model to ask for.
+    """
+    from model_server.errors import ModelLoadError
+    from model_server.openai import OpenAIExecutor
+
+    if not settings.openai_base_url:
+        raise ModelLoadError(detail="GENERATION_BACKEND=openai without OPENAI_BASE_URL",
+                             user_message="GENERATION_BACKEND=openai needs OPENAI_BASE_URL, the OpenAI-compatible "
+                             "server's address with its /v1 (e.g. http://localhost:8000/v1)")
+    config = settings.openai_config()
+    if model:
+        config = dataclasses.replace(config, model=model)
+    if progress is not None:
+        progress(f"connecting to the OpenAI-compatible server at {config.url}")
+    async with OpenAIExecutor(config) as executor:
+        server = executor.server
+        assert server is not None
+        info = await asyncio.to_thread(_served_model_info, server.model_id)
+        yield executor, dataclasses.replace(info, instruct=True, max_positions=server.max_positions())
+
+
 def _served_model_info(model_id: str) -> ModelInfo:
-    if Path(model_id).is_dir():  # TGI serves a folder this machine shares: read its tokenizer
+    if Path(model_id).is_dir():  # the server serves a folder this machine shares: read its tokenizer
         return model_info_without_weights(model_id)
     # A hub id: judged by its name, so the bot process needs neither torch nor transformers.
     return ModelInfo(name=model_id, instruct="instruct" in model_id.lower())

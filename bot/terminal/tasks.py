@@ -13,7 +13,7 @@ from bot.images.fetch import ImageFetcher
 from bot.pipeline.services import model_info_without_weights, open_executor
 from bot.settings import Settings
 from bot.terminal.inputs import UsageError, load_images, progress
-from model_server.types import GenerationResult, Prompt
+from model_server.types import RANKED_BY_GENERATION, GenerationResult, Prompt
 
 
 def task_prompts(args: argparse.Namespace, images: list[CheckedImage]) -> list[Prompt]:
@@ -70,6 +70,8 @@ async def run_task(args: argparse.Namespace, settings: Settings) -> int:
             width = max(len(r.category) for r in ranked)
             for r in ranked[: args.top or len(ranked)]:
                 print(f"{r.category.ljust(width)}  {r.probability * 100:5.1f}%")
+            if ranked and ranked[0].by_generation:
+                print(f"({RANKED_BY_GENERATION})")
             return 0
         results = await asyncio.gather(*(executor.generate(p) for p in prompts))
         sources = image_sources(args)

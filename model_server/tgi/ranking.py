@@ -30,9 +30,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from model_server.backend import rank_by_scores
+from model_server.backend import continuation_start, rank_by_scores
 from model_server.errors import GenerationFailed
-from model_server.tgi.client import FAILED_MESSAGE, TgiClient
+from model_server.remote.http import FAILED_MESSAGE
+from model_server.tgi.client import TgiClient
 from model_server.types import RankedCategory
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,8 @@ class Ranker:
         for category in categories:
             answer = await self._ask(await body(" " + category + END))
             ids = answer.ids
-            # Score from the first token where the full text's tokens leave the prompt's (a tokenizer may
-            # merge across the boundary, and then that merged token is scored too), as the local engine does.
-            common = next((k for k, (a, b) in enumerate(zip(ids, prompt.ids, strict=False)) if a != b),
-                          min(len(ids), len(prompt.ids)))
-            common = max(1, min(common, len(ids) - 2))
+            # Scored from where the tokens leave the prompt's, as every backend does; the end token stays out.
+            common = continuation_start(ids, prompt.ids, keep=2)
             stop = len(ids) - 1 if answer.texts[-1] == END else len(ids)
             shifted = shifted_against(answer.values, prompt.values, common - 1)
             if shifted:

@@ -15,17 +15,13 @@ TGI's IDEFICS shard hands the text between two images to transformers' `IdeficsP
 brings two more rules (see `LEADING_TEXT` and `defuse_url`): the text sent begins with text, and no stretch
 between images may look like a bare URL (the processor would fetch it from the TGI machine).
 
-Images are re-encoded as JPEG and scaled down: IDEFICS looks at 224x224 pixels, so a large photo carries
-nothing the model sees, and TGI refuses request bodies over its `--payload-limit` (2,000,000 bytes by
-default). When several images still push a body past the limit, all of them shrink further until it fits.
+Images are re-encoded as JPEG and scaled down until the body fits TGI's `--payload-limit` (`remote.images`).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,16 +30,11 @@ from typing import Any
 from PIL import Image
 
 from model_server.config import DEFAULT_MAX_BODY_BYTES
-from model_server.errors import GenerationFailed
 from model_server.neutralize import ZERO_WIDTH_SPACE
 from model_server.prompt import CHAT_STOP, END_OF_UTTERANCE, FAKE_TOKEN, IMAGE_TOKEN, looks_like_url
+from model_server.remote.images import fit_body
 from model_server.types import GenerationParams, PromptItem
 
-"""TGI's default `--payload-limit`."""
-IMAGE_SIDE = 448
-"""Longest side of an image sent to TGI at first: twice what the IDEFICS image processor keeps."""
-JPEG_QUALITY = 85
-MIN_IMAGE_SIDE = 32
 MARKDOWN_IMAGE = "!" + "[]("
 DEFAULT_MAX_STOP_SEQUENCES = 4
 """TGI's default `--max-stop-sequences`; `/info` says the server's own."""
@@ -52,18 +43,6 @@ DEFAULT_MAX_STOP_SEQUENCES = 4
 def defuse_markdown(text: str) -> str:
     """Break every `![](` so TGI never reads user text as an image to fetch."""
     return text.replace(MARKDOWN_IMAGE, "!" + ZERO_WIDTH_SPACE + "[](")
-
-
-def encode_image(image: Image.Image, side: int, quality: int) -> bytes:
-    """JPEG bytes of `image` with its longest side at most `side` pixels."""
-    image = image.convert("RGB")
-    scale = side / max(image.size)
-    if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=quality)
-    return out.getvalue()
 
 
 def image_markdown(jpeg: bytes) -> str:
@@ -197,21 +176,11 @@ def build_body(items: Sequence[PromptItem], parameters: dict[str, Any], *, suffi
     fit (then the text alone is too large).
     """
     images = [item for item in items if isinstance(item, Image.Image)]
-    side, quality = IMAGE_SIDE, JPEG_QUALITY
-    while True:
-        jpegs = [encode_image(image, side, quality) for image in images]
-        inputs = inputs_text(items, [image_markdown(j) for j in jpegs], suffix)
-        body = json.dumps({"inputs": inputs, "parameters": parameters}).encode("utf-8")
-        if len(body) < max_bytes:
-            return RequestBody(body, inputs, tuple(len(j) for j in jpegs))
-        if not images or side <= MIN_IMAGE_SIDE:
-            raise GenerationFailed("this request is too large for the model server; try fewer images",
-                                   detail=f"request body {len(body)} bytes with {len(images)} images, "
-                                   f"limit {max_bytes}")
-        # JPEG size goes roughly with the pixel count: scale the side by the square root of what must go.
-        image_share = sum(len(j) for j in jpegs) * 4 / 3
-        fixed = len(body) - image_share
-        room = max(max_bytes * 0.95 - fixed, 0.0)
-        factor = math.sqrt(room / image_share) if image_share else 0.5
-        side = max(MIN_IMAGE_SIDE, min(int(side * factor), int(side * 0.8)))
-        quality = max(50, quality - 10)
+    texts: list[str] = []
+
+    def render(jpegs: list[bytes]) -> bytes:
+        texts[:] = [inputs_text(items, [image_markdown(j) for j in jpegs], suffix)]
+        return json.dumps({"inputs": texts[0], "parameters": parameters}).encode("utf-8")
+
+    fitted = fit_body(images, render, max_bytes)
+    return RequestBody(fitted.body, texts[0], fitted.image_bytes)

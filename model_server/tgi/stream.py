@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from model_server.errors import GenerationFailed
 from model_server.prompt import END_OF_UTTERANCE
+from model_server.remote.backend import StreamProgress, stop_reason
+from model_server.remote.http import FAILED_MESSAGE
 from model_server.streaming import TextAssembler
-from model_server.tgi.client import FAILED_MESSAGE
 from model_server.types import FinishReason
 
 FINISH_REASONS = {
@@ -25,16 +25,6 @@ FINISH_REASONS = {
     "eos_token": FinishReason.END_OF_UTTERANCE,
     "stop_sequence": FinishReason.STOP_STRING,
 }
-
-
-@dataclass
-class StreamProgress:
-    """What one streamed request has received so far (kept for a result on cancel or timeout)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    """The event loop's clock at the first token."""
 
 
 async def read_answer(events: AsyncIterator[dict[str, Any]], stop_strings: Sequence[str],
@@ -83,10 +73,3 @@ async def read_answer(events: AsyncIterator[dict[str, Any]], stop_strings: Seque
 def _send(on_delta: Callable[[str], None], delta: str) -> None:
     if delta:
         on_delta(delta)
-
-
-def stop_reason(raw: str, stops: Sequence[str]) -> FinishReason:
-    """END_OF_UTTERANCE when `<end_of_utterance>` is the first stop string in `raw`, else STOP_STRING."""
-    found = [(raw.find(s), s) for s in stops if s and raw.find(s) >= 0]
-    first = min(found)[1] if found else ""
-    return FinishReason.END_OF_UTTERANCE if first == END_OF_UTTERANCE else FinishReason.STOP_STRING

@@ -13,8 +13,10 @@ import math
 import pytest
 
 from model_server.backend import END_OF_STREAM, GenerationBackend, Job, rank_by_scores, resolve_job
-from model_server.config import ModelConfig, TgiConfig
+from model_server.config import ModelConfig, OpenAIConfig, TgiConfig
 from model_server.executor import Executor
+from model_server.openai import OpenAIExecutor
+from model_server.remote.backend import RemoteExecutor
 from model_server.replicas import ReplicaPool
 from model_server.tgi import TgiExecutor
 from model_server.types import Prompt
@@ -34,19 +36,19 @@ def _backends(engine: object) -> list[object]:
     config = ModelConfig(model="tiny", watchdog_s=0)
     executor = Executor(engine, config)  # type: ignore[arg-type]
     return [executor, ReplicaPool([executor, Executor(engine, config)], config),  # type: ignore[arg-type]
-            TgiExecutor(TgiConfig(url="http://127.0.0.1:9"))]
+            TgiExecutor(TgiConfig(url="http://127.0.0.1:9")), OpenAIExecutor(OpenAIConfig(url="http://127.0.0.1:9"))]
 
 
-@pytest.mark.parametrize("kind", ["executor", "pool", "tgi"])
+@pytest.mark.parametrize("kind", ["executor", "pool", "tgi", "openai"])
 async def test_each_backend_has_every_member_of_the_contract(kind: str):
-    backend = dict(zip(["executor", "pool", "tgi"], _backends(object()), strict=True))[kind]
+    backend = dict(zip(["executor", "pool", "tgi", "openai"], _backends(object()), strict=True))[kind]
     missing = [name for name in CONTRACT if not hasattr(backend, name)]
     assert missing == []
     for name in CONTRACT:
         declared = inspect.getattr_static(GenerationBackend, name, None)
         if inspect.iscoroutinefunction(declared):
             assert inspect.iscoroutinefunction(getattr(backend, name)), name
-    if isinstance(backend, TgiExecutor):
+    if isinstance(backend, RemoteExecutor):
         await backend.close()
 
 

@@ -32,7 +32,7 @@ from bot.pipeline.conversation import EMPTY_ANSWER, ReplySink, report_queue
 from model_server import tasks
 from model_server.backend import GenerationBackend, RequestHandle
 from model_server.errors import ModelServerError
-from model_server.types import FinishReason, GenerationResult, Prompt, RankedCategory
+from model_server.types import RANKED_BY_GENERATION, FinishReason, GenerationResult, Prompt, RankedCategory
 
 NO_MODEL_MESSAGE = "no model is loaded"
 NO_IMAGE_IN_MESSAGE = "that message has no image"
@@ -57,6 +57,8 @@ def format_ranking(ranked: Sequence[RankedCategory], top: int) -> str:
     shown = lines[:top]
     if len(lines) > top:
         shown.append(f"(and {len(lines) - top} more)")
+    if ranked and ranked[0].by_generation:
+        shown.append(f"({RANKED_BY_GENERATION})")
     return "\n".join(shown)
 
 

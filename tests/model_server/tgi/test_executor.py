@@ -9,10 +9,10 @@ import re
 import pytest
 
 from model_server import tasks
-from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelLoadError, RequestTimeout
+from model_server.errors import Busy, ExecutorClosed, GenerationFailed, ModelLoadError, RequestRejected, RequestTimeout
 from model_server.prompt import CHAT_STOP, END_OF_UTTERANCE, prompt_text, render_chat
+from model_server.remote.http import CUT_MESSAGE, OVERLOADED_MESSAGE, TOO_LONG_MESSAGE
 from model_server.tgi import TgiConfig, TgiExecutor
-from model_server.tgi.client import CUT_MESSAGE, OVERLOADED_MESSAGE, TOO_LONG_MESSAGE, RequestRejected
 from model_server.types import ChatTurn, FinishReason, GenerationParams, Prompt
 from tests.conftest import noise_image
 from tests.fakes.tgi import EOS, EOU, FakeTgi, Plan, words
@@ -298,7 +298,7 @@ async def test_events_split_anywhere_across_chunks(tgi: TgiExecutor, fake_tgi: F
 
 
 def test_sse_parser_framing():
-    from model_server.tgi.client import SseParser
+    from model_server.remote.sse import SseParser
 
     stream = (b": hello\r\ndata: {\"a\": 1}\r\n\r\ndata:line one\ndata: line two\nid: 3\n\n"
               b"event: x\rdata: caf\xc3\xa9\r\r: only a comment\n\ndata: unfinished")

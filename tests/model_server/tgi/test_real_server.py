@@ -156,10 +156,8 @@ async def test_a_413_keeps_its_reason_and_is_not_try_again(fake_tgi: FakeTgi, tg
 async def test_a_plain_text_422_keeps_its_reason(tgi: TgiExecutor, fake_tgi: FakeTgi):
     async with tgi.client.session.post(fake_tgi.url + "/generate", data=b'{"inputs": 5}',
                                        headers={"Content-Type": "application/json"}) as response:
-        from model_server.tgi.client import _error_of, _rejection
-
-        error, error_type = await _error_of(response)
-        failed = _rejection(response.status, error, error_type)
+        error, error_type = await tgi.client.error_of(response)
+        failed = tgi.client.rejection_for(response.status, error, error_type)
     assert isinstance(failed, RequestRejected)
     assert "Failed to deserialize the JSON body" in failed.detail
     fake_tgi.problems.clear()

@@ -1,10 +1,11 @@
-"""Server-sent events as TGI's `/generate_stream` writes them: an incremental parser."""
+"""Server-sent events as TGI's `/generate_stream` and OpenAI-compatible `/chat/completions` write them: an
+incremental parser."""
 
 from __future__ import annotations
 
 
 class SseParser:
-    """Incremental parser for `text/event-stream` (the WHATWG rules TGI's axum server writes to).
+    """Incremental parser for `text/event-stream` (the WHATWG rules TGI, vLLM and the others write to).
 
     Feed it raw chunks as they arrive; it returns the `data` of each completed event. Lines may be split
     anywhere across chunks (bytes are decoded only per complete line, so a UTF-8 character split between
@@ -18,7 +19,7 @@ class SseParser:
         self._buffer = b""
         self._data: list[str] = []
         self.comments = 0
-        """Comment lines seen (TGI's keep-alives); they do not count as progress."""
+        """Comment lines seen (keep-alives); they do not count as progress."""
 
     def feed(self, chunk: bytes) -> list[str]:
         self._buffer += chunk
