@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# PyTorch first: a bare `torch` requirement would otherwise pull whatever build PyPI serves.
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# A real OpenAI-compatible server for the tests: llama.cpp's, compiled from source (several minutes on 2 cores).
+	# If it cannot be built here, its tests are skipped and say why; nothing else depends on it.
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -e '.[dev,llama-server]' || \
+		echo "make: WARNING: llama-cpp-python[server] could not be built: the real-server tests will be skipped" >&2
 	touch $@
 
 test: $(STAMP)
