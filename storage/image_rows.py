@@ -19,7 +19,7 @@ from storage.queries import chunks, insert_for
 from storage.records import NewMessage
 from storage.rows import rowcount
 
-log = logging.getLogger("storage.store")  # the store's records, as before these functions left it
+log = logging.getLogger(__name__)
 
 IMAGE_INSERT_ROUNDS = 5
 """Attempts at storing a message's images while other processes keep deleting the same ones as orphans."""
