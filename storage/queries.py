@@ -39,12 +39,12 @@ def window_statement(
 
 _WINDOW_COLUMNS = (Message.id, Message.platform_id, Message.role, Message.author_id, Message.author_name,
                    Message.text, Message.created_at, Message.reply_to, Message.request_state)
-"""A window's columns, in the order `storage.store._window` unpacks them."""
+"""A window's columns, in the order `storage.rows.window` unpacks them."""
 
 
 @functools.cache
 def window_rows_statement(before: bool = False) -> Select[*tuple[Any, ...]]:
-    """`window_statement` as the store runs it: plain columns, in the order `storage.store._window` unpacks
+    """`window_statement` as the store runs it: plain columns, in the order `storage.rows.window` unpacks
     them, with `channel_key`, `limit` and (with `before`) `before_id` bound when executing it.
 
     Built once per shape, since building it costs more than running it; and plain columns, since this runs for
@@ -61,7 +61,7 @@ def window_with_images_statement(before: bool = False) -> Select[*tuple[Any, ...
     """`window_rows_statement` with each message's images, in one statement (one round trip for the window,
     which is read for every message): a row per image, or one with empty image columns for a message without.
 
-    The columns come in the order `storage.store._window` unpacks them; bind as for `window_rows_statement`.
+    The columns come in the order `storage.rows.window` unpacks them; bind as for `window_rows_statement`.
     No ORDER BY: the caller orders rows by message id and image position, so the database sorts nothing. The
     window is a subquery and the links and images are LEFT joined to it, which fixes the order of the joins:
     every database reads the window's rows by index, then the links' primary key (`message_id, position`) for

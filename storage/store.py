@@ -10,60 +10,38 @@ only `StorageError` for it, never the driver's error.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from storage.channel_settings import validate_setting
-from storage.errors import ImageTooLarge, InvalidMessage, StorageError
-from storage.models import Channel, Image, Message, MessageImage
+from storage.deletion import delete_authored, delete_by_platform_ids, delete_channel_history
+from storage.errors import InvalidMessage
+from storage.image_rows import ensure_images, link_images
+from storage.models import Channel, Message
 from storage.queries import (
-    chunks,
     insert_for,
-    late_answers_statement,
     mark_answered_statement,
     message_insert_statement,
-    window_with_images_statement,
-    with_images,
 )
-from storage.records import (
-    REQUEST_STATES,
-    ROLES,
-    ChannelSettings,
-    NewMessage,
-    RequestState,
-    Role,
-    StoredImage,
-    StoredMessage,
-)
+from storage.reads import read_matching, read_message, read_window
+from storage.records import REQUEST_STATES, ChannelSettings, NewMessage, RequestState, StoredMessage
 from storage.retry import CommitInDoubt, commit, retry_when_disconnected, retry_when_locked
+from storage.rows import check_message, rowcount, settings_of, storable, stored_from_new
+from storage.settings_cache import ChannelCache
 
 log = logging.getLogger(__name__)
-
-IMAGE_INSERT_ROUNDS = 5
-"""Attempts at storing a message's images while other processes keep deleting the same ones as orphans."""
 
 _SETTINGS_COLUMNS = (Channel.answer_mode, Channel.record_mode, Channel.system_prompt, Channel.max_new_tokens,
                      Channel.temperature, Channel.decoding)
 """A channel's settings, named as the fields of `ChannelSettings`."""
-
-CHANNEL_CACHE_ENTRIES = 100_000
-"""Most channels whose id, and whose settings, a store keeps in memory (a few MB at most); past it a cache is
-emptied and refills from the database."""
-
-T = TypeVar("T")
-
-SETTINGS_CACHE_S = 5.0
-"""How long a store trusts a channel's settings it read. Its own changes apply at once; a change made by another
-process sharing the database (each Discord channel belongs to one shard, so to one process) within this time."""
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """Matches the bot's default `MAX_IMAGE_BYTES`; `open_database()` takes the configured value."""
@@ -88,17 +66,9 @@ class Store:
         """For reads on every message's path: a plain connection costs less than an ORM session and, with no
         transaction begun, returns to the pool without a rollback."""
         self._dialect = engine.dialect.name
-        self._channel_ids: dict[str, int] = {}
-        """Channel key -> row id, for channel rows known to be committed. Channel rows are never deleted
-        (clearing a channel deletes its messages, not its row) and ids never change, so a cached id stays
-        right for every process sharing the database; it saves an append two statements."""
-        self._settings: dict[str, tuple[float, ChannelSettings]] = {}
-        """Channel key -> (time read, settings): read for every message twice (whether to answer, then the
-        prompt), changed rarely and only through `update_channel_settings`."""
-        self._settings_version = 0
-        """Bumped by every settings change, so a read that raced with one does not cache what it read."""
+        self._channels = ChannelCache()
         self.clock = time.monotonic
-        """Seconds for `SETTINGS_CACHE_S` (tests move it on)."""
+        """Seconds for `storage.settings_cache.SETTINGS_CACHE_S` (tests move it on)."""
         self._max_image_bytes = max_image_bytes
         self.lock_retries = lock_retries
         """Attempts after the first when a write finds the database locked; then `DatabaseBusy`."""
@@ -120,8 +90,8 @@ class Store:
         same event store exactly one message; for the same reason running it again after a lost
         connection can never store it twice.
         """
-        self._check(msg)
-        msg = _storable(msg)
+        check_message(msg, self._max_image_bytes)
+        msg = storable(msg)
         created_at = msg.created_at or datetime.now(UTC)  # once: every attempt stores the same row
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts())
@@ -139,8 +109,8 @@ class Store:
             raise InvalidMessage(
                 detail=f"platform_id={msg.platform_id}: an answer is an assistant message with reply_to"
             )
-        self._check(msg)
-        msg = _storable(msg)
+        check_message(msg, self._max_image_bytes)
+        msg = storable(msg)
         created_at = msg.created_at or datetime.now(UTC)
         hashes = [hashlib.sha256(blob.data).hexdigest() for blob in msg.images]
         return await self._append(msg, created_at, hashes, _AppendAttempts(), answered=msg.reply_to)
@@ -152,11 +122,11 @@ class Store:
         async with self._sessions() as session:
             if answered is not None:
                 marked = await session.execute(mark_answered_statement(), {"answered": answered})
-                if _rowcount(marked) == 0:
+                if rowcount(marked) == 0:
                     await session.rollback()
                     log.info("answer platform_id=%s not stored: request %s is gone", msg.platform_id, answered)
                     return None
-            channel_id = self._channel_ids.get(msg.channel_key)
+            channel_id = self._channels.ids.get(msg.channel_key)
             if channel_id is None:
                 channel_id = await self._ensure_channel(session, msg.channel_key)
             values = {
@@ -178,21 +148,14 @@ class Store:
                 log.debug("duplicate message platform_id=%s ignored", msg.platform_id)
                 return None
             if msg.images:
-                image_ids = await self._ensure_images(session, msg, hashes)
-                await session.execute(
-                    insert_for(self._dialect, MessageImage).values(
-                        [
-                            {"message_id": message_id, "position": position, "image_id": image_ids[sha]}
-                            for position, sha in enumerate(hashes)
-                        ]
-                    )
-                )
+                image_ids = await ensure_images(session, self._dialect, msg, hashes)
+                await link_images(session, self._dialect, message_id, hashes, image_ids)
             try:
                 await commit(session)
             except CommitInDoubt:
                 attempts.commit_lost = True
                 raise
-        _put_bounded(self._channel_ids, msg.channel_key, channel_id)
+        self._channels.remember_id(msg.channel_key, channel_id)
         log.debug(
             "stored message id=%d platform_id=%s channel=%s role=%s text_len=%d images=%d image_bytes=%d",
             message_id,
@@ -203,22 +166,7 @@ class Store:
             len(msg.images),
             sum(len(blob.data) for blob in msg.images),
         )
-        return StoredMessage(
-            id=message_id,
-            platform_id=msg.platform_id,
-            channel_key=msg.channel_key,
-            role=msg.role,
-            author_id=msg.author_id,
-            author_name=msg.author_name,
-            text=msg.text,
-            created_at=created_at.astimezone(UTC),
-            reply_to=msg.reply_to,
-            request_state=msg.request_state,
-            images=tuple(
-                StoredImage(sha256=sha, mime=blob.mime, width=blob.width, height=blob.height, data=blob.data)
-                for sha, blob in zip(hashes, msg.images, strict=True)
-            ),
-        )
+        return stored_from_new(msg, message_id, created_at, hashes)
 
     @retry_when_disconnected("idempotent")  # sets a fixed text: running it twice changes nothing
     @retry_when_locked
@@ -232,7 +180,7 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
-        changed = _rowcount(result) > 0
+        changed = rowcount(result) > 0
         log.debug("edit platform_id=%s text_len=%d found=%s", platform_id, len(text), changed)
         return changed
 
@@ -250,7 +198,7 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
-        return _rowcount(result) > 0
+        return rowcount(result) > 0
 
     @retry_when_disconnected("idempotent")  # sets a fixed value
     @retry_when_locked
@@ -265,7 +213,7 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
-        return _rowcount(result) > 0
+        return rowcount(result) > 0
 
     @retry_when_disconnected("write")  # compare-and-set: a second run after a lost commit would answer False
     @retry_when_locked  # "database is locked" means nothing was written: safe to run again
@@ -287,7 +235,7 @@ class Store:
                 .execution_options(synchronize_session=False)
             )
             await commit(session)
-        return _rowcount(result) == 1
+        return rowcount(result) == 1
 
     # ------------------------------------------------------------------ messages: delete
 
@@ -303,12 +251,7 @@ class Store:
     @retry_when_locked
     async def _delete_messages(self, wanted: list[str]) -> int:
         async with self._sessions() as session:
-            ids: list[int] = []
-            for part in chunks(wanted):
-                ids.extend(
-                    (await session.scalars(select(Message.id).where(Message.platform_id.in_(part)))).all()
-                )
-            count = await self._delete_by_ids(session, ids)
+            count = await delete_by_platform_ids(session, wanted)
             await commit(session)
         log.debug("deleted %d of %d messages", count, len(wanted))
         return count
@@ -321,23 +264,8 @@ class Store:
             channel_id = await session.scalar(select(Channel.id).where(Channel.key == channel_key))
             if channel_id is None:
                 return 0
-            # Collected before the delete: afterwards the links that name them are gone.
-            candidates = (
-                await session.scalars(
-                    select(MessageImage.image_id)
-                    .join(Message, Message.id == MessageImage.message_id)
-                    .where(Message.channel_id == channel_id)
-                    .distinct()
-                )
-            ).all()
-            result = await session.execute(
-                delete(Message)
-                .where(Message.channel_id == channel_id)
-                .execution_options(synchronize_session=False)
-            )
-            removed_images = await self._delete_orphan_images(session, candidates)
+            count, removed_images = await delete_channel_history(session, channel_id)
             await commit(session)
-        count = _rowcount(result)
         log.info("cleared channel=%s messages=%d orphan_images=%d", channel_key, count, removed_images)
         return count
 
@@ -349,24 +277,8 @@ class Store:
         Answers are assistant messages whose `reply_to` names one of the user's messages: they quote or
         describe what the user sent. Returns how many messages went.
         """
-        authored = select(Message.platform_id).where(Message.author_id == author_id)
         async with self._sessions() as session:
-            # Their messages locked first (PostgreSQL): an answer being stored holds its request's row (see
-            # `append_answer`), so this waits for it to commit, and the read below, a statement later, sees it.
-            await session.execute(
-                select(Message.id).where(Message.author_id == author_id).order_by(Message.id).with_for_update()
-            )
-            ids = (
-                await session.scalars(
-                    select(Message.id).where(
-                        or_(
-                            Message.author_id == author_id,
-                            and_(Message.role == "assistant", Message.reply_to.in_(authored)),
-                        )
-                    )
-                )
-            ).all()
-            count = await self._delete_by_ids(session, ids)
+            count = await delete_authored(session, author_id)
             await commit(session)
         log.info("forgot author_id=%s messages=%d", author_id, count)
         return count
@@ -391,22 +303,8 @@ class Store:
             return []
         if before_id is not None and through_id is not None:
             raise ValueError("recent_window takes before_id or through_id, not both")
-        params: dict[str, Any] = {"channel_key": channel_key, "limit": limit}
-        if through_id is not None:
-            before_id = through_id + 1
-        if before_id is not None:
-            params["before_id"] = before_id
-        statement = window_with_images_statement(before=before_id is not None)
         async with self._engine.connect() as connection:
-            rows = list((await connection.execute(statement, params)).all())
-            if through_id is not None:
-                # Requests are the user messages with a request state (column 8); column 1 is the platform id.
-                request_ids = list(dict.fromkeys(row[1] for row in rows if row[8] is not None and row[0] != through_id))
-                if request_ids:
-                    rows.extend((await connection.execute(late_answers_statement(), {
-                        "channel_key": channel_key, "after_id": through_id, "request_ids": request_ids,
-                    })).all())
-        return _window(rows, channel_key)
+            return await read_window(connection, channel_key, limit, before_id=before_id, through_id=through_id)
 
     @retry_when_disconnected("read")
     async def get_message(self, platform_id: str) -> StoredMessage | None:
@@ -443,16 +341,16 @@ class Store:
     async def channel_settings(self, channel_key: str) -> ChannelSettings:
         """The channel's own settings; all None (defaults) for a channel never seen.
 
-        Kept for `SETTINGS_CACHE_S` after a read, and replaced at once by this store's own changes.
+        Kept for `storage.settings_cache.SETTINGS_CACHE_S` after a read, and replaced at once by this store's own
+        changes.
         """
         now = self.clock()
-        cached = self._settings.get(channel_key)
-        if cached is not None and now - cached[0] < SETTINGS_CACHE_S:
-            return cached[1]
-        version = self._settings_version
+        cached = self._channels.settings(channel_key, now)
+        if cached is not None:
+            return cached
+        version = self._channels.version
         settings = await self._read_channel_settings(channel_key)
-        if version == self._settings_version:
-            _put_bounded(self._settings, channel_key, (now, settings))
+        self._channels.keep_read(channel_key, now, settings, version)
         return settings
 
     @retry_when_disconnected("read")
@@ -470,8 +368,7 @@ class Store:
         Every value is checked before anything is written: one bad value changes nothing.
         """
         values = {name: validate_setting(name, value) for name, value in changes.items()}
-        self._settings_version += 1
-        self._settings.pop(channel_key, None)
+        self._channels.changing(channel_key)
         async with self._sessions() as session:
             channel_id = await self._ensure_channel(session, channel_key)
             if values:
@@ -484,27 +381,13 @@ class Store:
             channel = await session.scalar(select(Channel).where(Channel.id == channel_id))
             await commit(session)
         assert channel is not None
-        _put_bounded(self._channel_ids, channel_key, channel_id)
+        self._channels.remember_id(channel_key, channel_id)
         log.info("channel=%s settings changed: %s", channel_key, sorted(values))
-        settings = _settings(channel)
-        self._settings_version += 1
-        _put_bounded(self._settings, channel_key, (self.clock(), settings))
+        settings = settings_of(channel)
+        self._channels.changed(channel_key, self.clock(), settings)
         return settings
 
     # ------------------------------------------------------------------ helpers
-
-    def _check(self, msg: NewMessage) -> None:
-        if msg.role not in ROLES:
-            raise InvalidMessage(detail=f"platform_id={msg.platform_id}: unknown role {msg.role!r}")
-        if msg.request_state is not None and msg.request_state not in REQUEST_STATES:
-            raise InvalidMessage(
-                detail=f"platform_id={msg.platform_id}: unknown request state {msg.request_state!r}"
-            )
-        if msg.created_at is not None and msg.created_at.tzinfo is None:
-            raise InvalidMessage(detail=f"platform_id={msg.platform_id}: created_at has no time zone")
-        for blob in msg.images:
-            if len(blob.data) > self._max_image_bytes:
-                raise ImageTooLarge(len(blob.data), self._max_image_bytes)
 
     async def _ensure_channel(self, session: AsyncSession, channel_key: str) -> int:
         # Insert-or-ignore first, then read: race-free without catching IntegrityError, and on SQLite the
@@ -516,124 +399,13 @@ class Store:
         )
         return (await session.scalars(select(Channel.id).where(Channel.key == channel_key))).one()
 
-    async def _ensure_images(
-        self, session: AsyncSession, msg: NewMessage, hashes: list[str]
-    ) -> dict[str, int]:
-        """Insert the images not stored yet; return the id of every image of `msg` by hash.
-
-        On PostgreSQL another process may delete an image as an orphan between our INSERT (which found it
-        and did nothing) and our lock: the locking read then misses it, and the insert is tried again for
-        those. Once a row is locked FOR KEY SHARE no clean-up can delete it before this transaction ends.
-        (SQLite serialises writers, so there the first round always finds every image.)
-        """
-        distinct = dict(zip(hashes, msg.images, strict=True))  # the same picture twice is one row
-        found: dict[str, int] = {}
-        for _ in range(IMAGE_INSERT_ROUNDS):
-            missing = {sha: blob for sha, blob in distinct.items() if sha not in found}
-            if not missing:
-                return found
-            await session.execute(
-                insert_for(self._dialect, Image)
-                .values(
-                    [
-                        {
-                            "sha256": sha,
-                            "mime": blob.mime,
-                            "width": blob.width,
-                            "height": blob.height,
-                            "byte_size": len(blob.data),
-                            "data": blob.data,
-                        }
-                        for sha, blob in missing.items()
-                    ]
-                )
-                .on_conflict_do_nothing(index_elements=[Image.sha256])
-            )
-            # Locks taken in id order (as the orphan clean-up does), so two transactions cannot deadlock.
-            rows = await session.execute(
-                select(Image.sha256, Image.id)
-                .where(Image.sha256.in_(list(missing)))
-                .order_by(Image.id)
-                .with_for_update(key_share=True)
-            )
-            found.update({sha: image_id for sha, image_id in rows})
-        if len(found) < len(distinct):
-            raise StorageError(
-                detail=f"platform_id={msg.platform_id}: images deleted concurrently {IMAGE_INSERT_ROUNDS} times"
-            )
-        return found
-
-    async def _delete_by_ids(self, session: AsyncSession, ids: Sequence[int]) -> int:
-        """Delete messages by database id (links go by cascade), then the images left unlinked."""
-        candidates: set[int] = set()
-        count = 0
-        for part in chunks(ids):
-            candidates.update(
-                (
-                    await session.scalars(
-                        select(MessageImage.image_id).where(MessageImage.message_id.in_(part))
-                    )
-                ).all()
-            )
-            result = await session.execute(
-                delete(Message).where(Message.id.in_(part)).execution_options(synchronize_session=False)
-            )
-            count += _rowcount(result)
-        await self._delete_orphan_images(session, list(candidates))
-        return count
-
-    async def _delete_orphan_images(self, session: AsyncSession, candidates: Sequence[int]) -> int:
-        """Delete those of `candidates` that no message links to any more.
-
-        Only images that lost a link in this transaction are checked, so the cost follows the deletion,
-        not the size of the image table.
-        """
-        removed = 0
-        for part in chunks(candidates):
-            # Lock first, then check in a second statement: a transaction linking one of these images holds
-            # it FOR KEY SHARE, so this waits for it to commit, and the DELETE's own snapshot (taken after
-            # the wait) then sees the new link. One DELETE alone would judge "orphan" on a snapshot from
-            # before the wait and fail on the foreign key. (PostgreSQL; SQLite has no row locks to wait on.)
-            await session.execute(
-                select(Image.id).where(Image.id.in_(part)).order_by(Image.id).with_for_update()
-            )
-            result = await session.execute(
-                delete(Image)
-                .where(Image.id.in_(part), ~exists().where(MessageImage.image_id == Image.id))
-                .execution_options(synchronize_session=False)
-            )
-            removed += _rowcount(result)
-        if removed:
-            log.debug("removed %d orphan images", removed)
-        return removed
-
     @retry_when_disconnected("read")
     async def _read_message(self, session: AsyncSession, platform_id: str) -> StoredMessage | None:
-        row = (
-            await session.execute(
-                with_images(
-                    select(Message, Channel.key)
-                    .join(Channel, Channel.id == Message.channel_id)
-                    .where(Message.platform_id == platform_id)
-                )
-            )
-        ).one_or_none()
-        return None if row is None else _stored(row[0], row[1])
+        return await read_message(session, platform_id)
 
     async def _pending(self, conditions: list[Any]) -> list[StoredMessage]:
         async with self._sessions() as session:
-            rows = (
-                await session.execute(
-                    with_images(
-                        select(Message, Channel.key)
-                        .join(Channel, Channel.id == Message.channel_id)
-                        .where(*conditions)
-                        .order_by(Message.id)
-                    )
-                )
-            ).all()
-        return [_stored(message, key) for message, key in rows]
-
+            return await read_matching(session, conditions)
 
 @dataclass
 class _AppendAttempts:
@@ -641,94 +413,3 @@ class _AppendAttempts:
 
     commit_lost: bool = False
     """An attempt lost its connection during the COMMIT: the message may be stored already."""
-
-
-def _storable(msg: NewMessage) -> NewMessage:
-    """`msg` without NUL characters, which PostgreSQL's text cannot hold (a model's output may carry one); the
-    same on SQLite, so every database stores the same text."""
-    return dataclasses.replace(msg, text=msg.text.replace("\x00", "")) if "\x00" in msg.text else msg
-
-
-def _rowcount(result: Any) -> int:
-    # DML results are CursorResults; the ORM types them as plain Result, which has no rowcount.
-    return int(result.rowcount)
-
-
-def _stored(row: Message, channel_key: str) -> StoredMessage:
-    return StoredMessage(
-        id=row.id,
-        platform_id=row.platform_id,
-        channel_key=channel_key,
-        role=cast(Role, row.role),
-        author_id=row.author_id,
-        author_name=row.author_name,
-        text=row.text,
-        created_at=row.created_at,
-        reply_to=row.reply_to,
-        request_state=cast("RequestState | None", row.request_state),
-        partial_reply_id=row.partial_reply_id,
-        images=tuple(
-            StoredImage(
-                sha256=link.image.sha256,
-                mime=link.image.mime,
-                width=link.image.width,
-                height=link.image.height,
-                data=link.image.data,
-            )
-            for link in row.image_links
-        ),
-    )
-
-
-def _put_bounded(entries: dict[str, T], channel_key: str, value: T) -> None:
-    """Set a per-channel cache entry; a cache at `CHANNEL_CACHE_ENTRIES` is emptied first (it refills)."""
-    if channel_key not in entries and len(entries) >= CHANNEL_CACHE_ENTRIES:
-        entries.clear()
-    entries[channel_key] = value
-
-
-def _window(rows: Sequence[Any], channel_key: str) -> list[StoredMessage]:
-    """Rows of `window_with_images_statement` (any order; one per image) -> messages, oldest first.
-
-    Rows are unpacked by position, in the statement's column order: this runs for every message, and reading
-    columns by name costs several times more.
-    """
-    fields: dict[int, tuple[Any, ...]] = {}
-    images: dict[int, list[tuple[int, StoredImage]]] = {}
-    for row in rows:
-        message_id = row[0]
-        position, sha256, mime, width, height, data = row[9:]
-        fields[message_id] = row[:9]
-        if position is not None:
-            images.setdefault(message_id, []).append(
-                (position, StoredImage(sha256=sha256, mime=mime, width=width, height=height, data=data))
-            )
-    messages = []
-    for message_id in sorted(fields):
-        _, platform_id, role, author_id, author_name, text, created_at, reply_to, request_state = fields[message_id]
-        linked = sorted(images.get(message_id, ()), key=lambda pair: pair[0])
-        messages.append(StoredMessage(
-            id=message_id,
-            platform_id=platform_id,
-            channel_key=channel_key,
-            role=role,
-            author_id=author_id,
-            author_name=author_name,
-            text=text,
-            created_at=created_at,
-            reply_to=reply_to,
-            request_state=request_state,
-            images=tuple(image for _, image in linked),
-        ))
-    return messages
-
-
-def _settings(channel: Channel) -> ChannelSettings:
-    return ChannelSettings(
-        answer_mode=cast(Any, channel.answer_mode),
-        record_mode=cast(Any, channel.record_mode),
-        system_prompt=channel.system_prompt,
-        max_new_tokens=channel.max_new_tokens,
-        temperature=channel.temperature,
-        decoding=cast(Any, channel.decoding),
-    )

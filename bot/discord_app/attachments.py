@@ -17,7 +17,8 @@ import discord
 from bot.discord_app.forwards import attachments_of, contents_of, embeds_of
 from bot.errors import FetchFailed, FetchTimeout, ImageTooLarge, NotAnImage, UnreadableFile, UserInputError
 from bot.images.check import CheckedImage, ImageLimits, check_image
-from bot.images.fetch import ImageFetcher, find_image_links
+from bot.images.fetch import ImageFetcher
+from bot.images.links import find_image_links
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """The Discord client: which events it listens to, and how each becomes a call into the pipeline.
 
-Thin by design: Discord objects are turned into the project's own types here (`bot.discord_app.incoming`), the
-rules of when to answer are in `bot.discord_app.triggers`, storing and generating in `bot.pipeline.conversation`,
-delivery in `bot.discord_app.replies`.
+Thin by design: Discord objects are turned into the project's own types here (`bot.discord_app.incoming`), a
+message's trigger facts and its thread's starter in `bot.discord_app.ingest`, the rules of when to answer in
+`bot.discord_app.triggers`, storing and generating in `bot.pipeline.conversation`, delivery of an answer in
+`bot.discord_app.answering` and `bot.discord_app.replies`, edits and deletions in `bot.discord_app.history_events`.
 
 Order: each message is handled in a task of its own (on_message returns at once), but the messages of one
 channel are recorded in the order they arrived (a chain of ingest tasks per channel) and answered in that
@@ -35,33 +36,26 @@ from typing import Any
 import discord
 from discord.ext import commands
 
-from bot.discord_app.attachments import images_from_message, sent_as_spoiler
+from bot.discord_app.answering import NOTICE_TIMEOUT_S, answer_in_reply
+from bot.discord_app.attachments import images_from_message
 from bot.discord_app.cogs import EXTENSIONS
 from bot.discord_app.command_errors import IdeficsCommandTree
-from bot.discord_app.forwards import is_forward
 from bot.discord_app.gateway_guard import guard_parsers
-from bot.discord_app.incoming import channel_key, clean_text, starter_platform_id, to_incoming
+from bot.discord_app.history_events import apply_edit, forget_channel, forget_messages, forget_thread
+from bot.discord_app.incoming import channel_key, clean_text, to_incoming
+from bot.discord_app.ingest import PERSON_TYPES, ThreadStarters, message_facts
 from bot.discord_app.readable import nothing_to_read, unreadable_note
 from bot.discord_app.recovery import RecoveryReport, recover_pending, shard_of
-from bot.discord_app.replies import MessageReplySink, send_notice, sibling_message
-from bot.discord_app.triggers import MessageFacts, decide
+from bot.discord_app.replies import send_notice
+from bot.discord_app.triggers import decide
 from bot.errors import RateLimited, UnreadableFile
 from bot.pipeline.limits import UserLimiter
 from bot.pipeline.services import Services
-from storage import NewMessage, StorageError, StoredMessage
+from storage import StorageError, StoredMessage
 
 log = logging.getLogger(__name__)
 
 STORAGE_FAILED = "I could not save your message right now; please try again in a minute"
-RESTARTING = "I am restarting; your answer will appear here in a minute"
-"""Shown in place of an answer cut off by a shutdown. The request stays "pending" and this message is its partial
-reply: the next start answers it by editing this message (or, past `RESUME_WINDOW_S`, asks to ask again)."""
-NOTICE_TIMEOUT_S = 5.0
-"""Most time spent telling one user, at shutdown, that their answer was cut off."""
-
-_PERSON_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
-"""Message types people write; the others are notices (joins, pins, thread created, ...)."""
-
 
 def bot_intents() -> discord.Intents:
     intents = discord.Intents.none()
@@ -91,7 +85,7 @@ class IdeficsBot(commands.Bot):
         self.limiter = UserLimiter(settings.user_max_inflight, settings.user_max_per_minute)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ingest_tail: dict[str, asyncio.Task[Any]] = {}
-        self._starters_checked: set[int] = set()
+        self._starters = ThreadStarters(services)
         self._started_at = datetime.now(UTC)
         self._draining = False
         self._recovery: asyncio.Task[Any] | None = None
@@ -212,7 +206,7 @@ class IdeficsBot(commands.Bot):
 
     # -- messages ------------------------------------------------------------------------------------
     async def on_message(self, message: discord.Message) -> None:
-        if self.user is None or message.author.id == self.user.id or message.type not in _PERSON_TYPES:
+        if self.user is None or message.author.id == self.user.id or message.type not in PERSON_TYPES:
             return
         if message.guild is None and not self.services.settings.answer_dms:
             return
@@ -237,7 +231,8 @@ class IdeficsBot(commands.Bot):
         store = services.conversation.store
         key = channel_key(message.channel)
         channel_settings = await store.channel_settings(key)
-        facts = await self._facts(message)
+        assert self.user is not None
+        facts = await message_facts(message, self.user.id, store)
         decision = decide(facts, answer_mode=channel_settings.answer_mode,
                           record_mode=channel_settings.record_mode, answer_dms=services.settings.answer_dms,
                           answer_bots=services.settings.answer_bots)
@@ -260,7 +255,7 @@ class IdeficsBot(commands.Bot):
             return
         # A forum post is its thread's starter and its first message at once (same id): stored once, as itself.
         if isinstance(message.channel, discord.Thread) and message.id != message.channel.id:
-            await self._ensure_thread_starter(message.channel)
+            await self._starters.ensure(message.channel, self.user.id if self.user else None)
         if decision.answer and self._draining and not errors:
             await self._record_for_later(message, images)
             return
@@ -321,139 +316,32 @@ class IdeficsBot(commands.Bot):
                       note: str = "") -> None:
         """Answer `stored` in a reply to `message`; `note` (files left out) shows above the answer."""
         with slot if slot is not None else contextlib.nullcontext():
-            # An answer about a hidden picture would give it away: it is hidden too.
-            sink = MessageReplySink.for_message(message, edit_interval_s=self.services.settings.stream_edit_interval_s,
-                                                spoiler=sent_as_spoiler(message), note=note)
-            conversation = self.services.conversation
-            if stored.partial_reply_id is not None:
-                # An earlier run began this answer (or said it was restarting) in that message: go on there.
-                sink.continue_in(sibling_message(message, int(stored.partial_reply_id)))
-            else:
-                sink.on_first_sent = lambda reply_id: conversation.note_partial_reply(stored, reply_id)
-            try:
-                async with sink:
-                    await self.services.conversation.respond(stored, sink)
-            except asyncio.CancelledError:
-                if self._draining:
-                    await self._cut_off(stored, sink, recovered=recovered)
-                raise
-
-    async def _cut_off(self, stored: StoredMessage, sink: MessageReplySink, *, recovered: bool) -> None:
-        """A shutdown cancelled this answer: tell the user, and leave the request "pending" for the next start."""
-        log.info("request %s cut off by shutdown: left pending", stored.platform_id)
-        try:
-            await asyncio.wait_for(sink.failed(RESTARTING), NOTICE_TIMEOUT_S)
-        except (TimeoutError, discord.HTTPException):
-            log.info("request %s: restart notice not delivered", stored.platform_id)
-        if recovered:  # claimed as "failed" by the recovery: give it back
-            try:
-                await self.services.conversation.store.claim_request(stored.platform_id, "pending",
-                                                                     expected="failed")
-            except StorageError:
-                log.warning("request %s left failed", stored.platform_id)
-
-    async def _facts(self, message: discord.Message) -> MessageFacts:
-        assert self.user is not None
-        return MessageFacts(
-            from_self=message.author.id == self.user.id,
-            from_bot=message.author.bot or message.webhook_id is not None,
-            is_dm=message.guild is None,
-            mentions_bot=self.user.id in message.raw_mentions,
-            replies_to_bot=await self._replies_to_bot(message),
-            is_system=message.type not in _PERSON_TYPES,
-            is_forward=is_forward(message),
-        )
-
-    async def _replies_to_bot(self, message: discord.Message) -> bool:
-        reference = message.reference
-        if reference is None or reference.message_id is None or self.user is None or is_forward(message):
-            return False  # a forward points at the message it copies: forwarding the bot's answer is no reply
-        resolved = reference.resolved
-        if isinstance(resolved, discord.Message):
-            return resolved.author.id == self.user.id
-        # Not resolved (old message, or deleted): our own answers are in the store.
-        stored = await self.services.conversation.store.get_message(str(reference.message_id))
-        return stored is not None and stored.role == "assistant"
-
-    async def _ensure_thread_starter(self, thread: discord.Thread) -> None:
-        """Put the thread's starter message at the head of its history, once (it is the thread's topic).
-
-        A thread started from a message of a text channel: that message lives in the parent channel, and its copy
-        here is stored under `<id>:starter`. A forum (or media) post: the thread's first message lives in the
-        thread itself, with the thread's id; it is this history's own first message, stored under its own id,
-        once (it arrives as an ordinary message too, which `_ingest_one` does not send here).
-        """
-        if thread.id in self._starters_checked:
-            return
-        self._starters_checked.add(thread.id)
-        store = self.services.conversation.store
-        starter = thread.starter_message
-        in_thread = (starter.channel.id == thread.id if starter is not None
-                     else isinstance(thread.parent, discord.ForumChannel))
-        platform_id = str(thread.id) if in_thread else starter_platform_id(thread.id)
-        if await store.get_message(platform_id) is not None:
-            return
-        source = thread if in_thread else thread.parent
-        if starter is None and source is not None:
-            try:
-                starter = await source.fetch_message(thread.id)  # type: ignore[union-attr]
-            except discord.HTTPException as exc:  # a thread without a starter, or it was deleted
-                log.info("thread %s: no starter message (HTTP %s)", thread.id, exc.status)
-                return
-        if starter is None:
-            return
-        images, _ = await images_from_message(starter, self.services.fetcher, self.services.settings.image_limits())
-        incoming = to_incoming(starter, self.user.id if self.user else None, images,
-                               channel_key_override=channel_key(thread), platform_id=platform_id)
-        if self.user is not None and starter.author.id == self.user.id:
-            await store.append_message(NewMessage(
-                platform_id=platform_id, channel_key=incoming.channel_key, role="assistant",
-                author_id=incoming.author_id, author_name=incoming.author_name, text=incoming.text,
-                created_at=incoming.created_at,
-            ))
-        else:
-            await self.services.conversation.record(incoming, request=False)
-        log.info("thread %s: starter message %s recorded", thread.id, starter.id)
+            await answer_in_reply(message, stored, self.services, draining=lambda: self._draining,
+                                  recovered=recovered, note=note)
 
     # -- edits and deletions -------------------------------------------------------------------------
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        if "content" not in payload.data:
-            return  # an embed unfurled, a pin: the text did not change
-        message = payload.message
-        if self.user is not None and message.author.id == self.user.id:
-            return  # our own streaming edits: the final text is stored by the pipeline
-        text = to_incoming(message, self.user.id if self.user else None).text
-        store = self.services.conversation.store
-        changed = await store.edit_message(str(payload.message_id), text)
-        if isinstance(self.get_channel(payload.message_id), discord.Thread):
-            changed |= await store.edit_message(starter_platform_id(payload.message_id), text)
-        if changed:
-            log.info("message %s edited: %d chars", payload.message_id, len(text))
+        await apply_edit(payload, bot_user_id=self.user.id if self.user else None,
+                         store=self.services.conversation.store, is_thread=self._is_thread)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        await self._forget_messages([payload.message_id])
+        await forget_messages([payload.message_id], store=self.services.conversation.store,
+                              is_thread=self._is_thread)
 
     async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
-        await self._forget_messages(sorted(payload.message_ids))
+        await forget_messages(sorted(payload.message_ids), store=self.services.conversation.store,
+                              is_thread=self._is_thread)
 
-    async def _forget_messages(self, message_ids: list[int]) -> None:
-        ids = [str(i) for i in message_ids]
-        # A deleted thread starter also leaves the thread's history (a thread's id is its starter's id).
-        ids += [starter_platform_id(i) for i in message_ids if isinstance(self.get_channel(i), discord.Thread)]
-        count = await self.services.conversation.store.delete_messages(ids)
-        if count:
-            log.info("%d of %d deleted messages removed from history", count, len(message_ids))
+    def _is_thread(self, channel_id: int) -> bool:
+        return isinstance(self.get_channel(channel_id), discord.Thread)
 
     # -- threads and channels ------------------------------------------------------------------------
     async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
-        # A deleted thread's history can never be shown again: drop it rather than keep it forever.
-        count = await self.services.conversation.store.clear_channel(str(payload.thread_id))
-        self._starters_checked.discard(payload.thread_id)
-        log.info("thread %s deleted: %d messages removed", payload.thread_id, count)
+        await forget_thread(payload.thread_id, self.services.conversation.store)
+        self._starters.forget(payload.thread_id)
 
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
-        count = await self.services.conversation.store.clear_channel(str(channel.id))
-        log.info("channel %s deleted: %d messages removed", channel.id, count)
+        await forget_channel(channel.id, self.services.conversation.store)
 
 
 class ShardedIdeficsBot(IdeficsBot, commands.AutoShardedBot):

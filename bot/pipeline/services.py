@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.images.fetch import ImageFetcher, create_session
+from bot.images.addresses import create_session
+from bot.images.fetch import ImageFetcher
 from bot.pipeline.conversation import Conversation, ModelInfo
 from bot.settings import Settings
 from model_server.backend import GenerationBackend

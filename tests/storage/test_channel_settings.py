@@ -77,7 +77,7 @@ async def test_settings_are_read_once_and_own_changes_apply_at_once(store: Store
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Read for every message, so kept a few seconds; a change through this store is seen at once, one made by
     another process sharing the database once the kept copy is older than `SETTINGS_CACHE_S`."""
-    import storage.store as store_module
+    import storage.settings_cache as store_module
     from storage import open_database
 
     assert (await store.channel_settings("300")).decoding is None

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from bot.discord_app.client import IdeficsBot
-from bot.images.fetch import ImageFetcher, create_session
+from bot.images.addresses import create_session
+from bot.images.fetch import ImageFetcher
 from bot.pipeline.conversation import Conversation, ModelInfo
 from bot.pipeline.services import Services
 from bot.settings import Settings

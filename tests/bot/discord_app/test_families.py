@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bot.images.fetch import ImageFetcher, create_session
+from bot.images.addresses import create_session
+from bot.images.fetch import ImageFetcher
 from bot.pipeline.conversation import Conversation, ModelInfo
 from bot.pipeline.services import Services, family_model_info
 from bot.settings import Settings

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image
 
-import bot.images.fetch
+import bot.images.addresses
 from bot.errors import (
     FetchFailed,
     FetchTimeout,
@@ -25,8 +25,9 @@ from bot.errors import (
     UnsafeUrl,
     UserInputError,
 )
+from bot.images.addresses import create_session, is_public_address
 from bot.images.check import ImageLimits, check_image
-from bot.images.fetch import ImageFetcher, create_session, is_public_address
+from bot.images.fetch import ImageFetcher
 from tests.fakes.images import encode
 
 PNG = encode(Image.new("RGB", (8, 8), (255, 0, 0)), "PNG")
@@ -452,7 +453,7 @@ async def test_public_name_redirecting_to_loopback_refused(
     # "public.example" is served from 127.0.0.2, which this test (only) treats as a public address; it
     # redirects to the real loopback server, which must never be contacted.
     monkeypatch.setattr(
-        bot.images.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
+        bot.images.addresses, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
     )
     front, runner = await start_server("127.0.0.2")
     try:
@@ -478,7 +479,7 @@ async def test_redirect_chain_through_public_hops_works(
 ) -> None:
     # Same pretend-public address: the safe path really fetches when every hop is allowed.
     monkeypatch.setattr(
-        bot.images.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
+        bot.images.addresses, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
     )
     front, runner = await start_server("127.0.0.2")
     try:
@@ -576,7 +577,7 @@ async def test_dns_rebinding_cannot_switch_the_connected_address(
     # A check-then-connect design resolves twice (check: public, connect: loopback). Here the one
     # resolution the connector uses is the checked one, so the loopback server is never reached.
     monkeypatch.setattr(
-        bot.images.fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
+        bot.images.addresses, "is_public_address", lambda ip: str(ip) == "127.0.0.2" or is_public_address(ip)
     )
     # Same port on both addresses, so a second resolution would land on the loopback server.
     front, runner = await start_server("127.0.0.2", server.port)

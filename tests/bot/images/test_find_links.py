@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.images.fetch import find_image_links
+from bot.images.links import find_image_links
 
 
 @pytest.mark.parametrize(

@@ -166,10 +166,10 @@ def test_private_address_url_refused(workdir, capsys):
 
 def test_url_that_never_answers_times_out(workdir, capsys, monkeypatch):
     """A loopback server that accepts and never answers: the download gives up within the timeout."""
-    import bot.images.fetch
+    import bot.images.addresses
 
     monkeypatch.setenv("DOWNLOAD_TIMEOUT_S", "1")
-    monkeypatch.setattr(bot.images.fetch, "is_public_address", lambda ip: True)
+    monkeypatch.setattr(bot.images.addresses, "is_public_address", lambda ip: True)
     stop = asyncio.Event()
 
     async def hang(request: web.Request) -> web.Response:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from bot.images.fetch import ImageFetcher, create_session
+from bot.images.addresses import create_session
+from bot.images.fetch import ImageFetcher
 from tests.bot.discord_app.conftest import answer_to, run_bot
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 import bot.discord_app.app
+from bot.discord_app.answering import RESTARTING
 from bot.discord_app.app import serve
-from bot.discord_app.client import RESTARTING
 from bot.pipeline.services import Services
 from bot.settings import Settings
 from storage import open_database
