@@ -331,27 +331,30 @@ class LocalEngine:
             pad_token_id=self.tokenizer.pad_token_id, repetition_penalty=params.repetition_penalty,
             stopping_criteria=StoppingCriteriaList([_StepReport(rows)]),
         )
-        stop_ids = set(self.loaded.stop_token_ids)
         outcome = StepOutcome(batch=None)
         for i, row in enumerate(rows):
-            ids = out[i, enc.input_ids.shape[1]:].tolist()
-            reason = FinishReason.LENGTH
-            for n, token in enumerate(ids):
-                if token in stop_ids:
-                    ids, reason = ids[:n], FinishReason.END_OF_UTTERANCE
-                    break
-            ids = ids[: row.prompt.params.max_new_tokens]
-            text, stopped = cut_at_stop(self._decode(ids), row.prompt.params.stop_strings)
-            text = text.strip()
-            if stopped:
-                reason = FinishReason.STOP_STRING
-            row.first_token_at = time.monotonic()
-            row.generated = ids
-            if text[len(row.sent):]:
-                outcome.deltas.append((row, text[len(row.sent):]))
-            row.done = True
-            outcome.finished.append(Finished(row, text, reason, enc.prompt_lengths[i], len(ids), row.first_token_at))
+            self._finish_whole(row, out[i, enc.input_ids.shape[1]:].tolist(), enc.prompt_lengths[i], outcome)
         return outcome
+
+    def _finish_whole(self, row: Row, ids: list[int], prompt_tokens: int, outcome: StepOutcome) -> None:
+        """A row whose whole answer came back at once (beam search): cut at its stops, hand it over finished."""
+        stop_ids = set(self.loaded.stop_token_ids)
+        reason = FinishReason.LENGTH
+        for n, token in enumerate(ids):
+            if token in stop_ids:
+                ids, reason = ids[:n], FinishReason.END_OF_UTTERANCE
+                break
+        ids = ids[: row.prompt.params.max_new_tokens]
+        text, stopped = cut_at_stop(self._decode(ids), row.prompt.params.stop_strings)
+        text = text.strip()
+        if stopped:
+            reason = FinishReason.STOP_STRING
+        row.first_token_at = time.monotonic()
+        row.generated = ids
+        if text[len(row.sent):]:
+            outcome.deltas.append((row, text[len(row.sent):]))
+        row.done = True
+        outcome.finished.append(Finished(row, text, reason, prompt_tokens, len(ids), row.first_token_at))
 
     # -- rank classification ---------------------------------------------------------------------
     @torch.inference_mode()

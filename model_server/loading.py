@@ -220,21 +220,8 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
 
     say(f"loading model {config.model} on {device} in {str(dtype).removeprefix('torch.')}"
         + (f", {config.quantization} quantized" if quant is not None else ""))
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if placement is not None:
-        kwargs["device_map"] = placement
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    try:
-        model: Any = IdeficsForVisionText2Text.from_pretrained(config.model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _load_error(config.model, exc) from exc
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError("not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
-                             detail=f"out of memory loading {config.model}: {exc}") from exc
-    if device == "cpu":
-        model.to("cpu")
-    model.eval()
+    model = load_weights(IdeficsForVisionText2Text, config.model, device=device, dtype=dtype, placement=placement,
+                         quant=quant)
 
     eou = _special_token_id(tokenizer, END_OF_UTTERANCE)
     stops = tuple(t for t in (eou, tokenizer.eos_token_id) if t is not None)
@@ -259,3 +246,24 @@ def load_model(config: ModelConfig, progress: Progress | None = None, *, device:
     kind = "instruct" if loaded.instruct else "base"
     say(f"model ready: idefics, {params / 1e6:.1f}M parameters, {kind} checkpoint, {time.monotonic() - started:.1f}s")
     return loaded
+
+
+def load_weights(model_class: Any, name: str, *, device: str, dtype: Any, placement: Any, quant: Any) -> Any:
+    """`model_class.from_pretrained(name)` on `device` in `dtype`, placed and quantized as asked, in eval mode; a
+    checkpoint that cannot be read or does not fit becomes one clear `ModelLoadError`."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if placement is not None:
+        kwargs["device_map"] = placement
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model: Any = model_class.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from exc
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError("not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
+                             detail=f"out of memory loading {name}: {exc}") from exc
+    if device == "cpu":
+        model.to("cpu")
+    model.eval()
+    return model

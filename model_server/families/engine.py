@@ -13,7 +13,6 @@ Beam search goes through `model.generate`, one request at a time (the guide's st
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -23,7 +22,6 @@ from transformers import StoppingCriteriaList
 
 from model_server.engine import (
     DEFAULT_VISION_CACHE_BYTES,
-    Finished,
     LocalEngine,
     Row,
     StepOutcome,
@@ -33,8 +31,8 @@ from model_server.engine import (
 from model_server.errors import PromptError
 from model_server.loading import LoadedModel
 from model_server.running_batch import RowState, RunningBatch, new_cache, new_generator
-from model_server.streaming import TextAssembler, cut_at_stop
-from model_server.types import FinishReason, Prompt
+from model_server.streaming import TextAssembler
+from model_server.types import Prompt
 from model_server.vision_cache import VisionCache, image_key
 
 
@@ -172,22 +170,7 @@ class FamilyEngine(LocalEngine):
             pad_token_id=self._pad_id, repetition_penalty=params.repetition_penalty,
             stopping_criteria=StoppingCriteriaList([_StepReport([row])]),
         )
-        ids = out[0, width:].tolist()
-        reason = FinishReason.LENGTH
-        for n, token in enumerate(ids):
-            if token in self._stop_ids:
-                ids, reason = ids[:n], FinishReason.END_OF_UTTERANCE
-                break
-        text, stopped = cut_at_stop(self._decode(ids), params.stop_strings)
-        text = text.strip()
-        if stopped:
-            reason = FinishReason.STOP_STRING
-        row.first_token_at = time.monotonic()
-        row.generated = ids
-        if text[len(row.sent):]:
-            outcome.deltas.append((row, text[len(row.sent):]))
-        row.done = True
-        outcome.finished.append(Finished(row, text, reason, width, len(ids), row.first_token_at))
+        self._finish_whole(row, out[0, width:].tolist(), width, outcome)
 
     # -- rank classification ---------------------------------------------------------------------
     @torch.inference_mode()

@@ -23,7 +23,7 @@ from model_server.config import ModelConfig
 from model_server.errors import ModelLoadError
 from model_server.families import ARCHITECTURES
 from model_server.families.render import RenderTemplate, image_count, items_from_v1_text, render
-from model_server.loading import LoadedModel, _load_error, load_processor
+from model_server.loading import LoadedModel, _load_error, load_processor, load_weights
 from model_server.prompt import BOS
 from model_server.types import Prompt
 
@@ -171,21 +171,8 @@ def load_family(config: ModelConfig, architecture: str, *, device: str, dtype: t
     limit_image_size(processor, config.image_longest_edge)
     say(f"loading model {config.model} ({architecture}) on {device} in {str(dtype).removeprefix('torch.')}"
         + (f", {config.quantization} quantized" if quant is not None else ""))
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if placement is not None:
-        kwargs["device_map"] = placement
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    try:
-        model: Any = AutoModelForImageTextToText.from_pretrained(config.model, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _load_error(config.model, exc) from exc
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError("not enough GPU memory for this model: try IDEFICS_QUANTIZATION=4bit or a smaller model",
-                             detail=f"out of memory loading {config.model}: {exc}") from exc
-    if device == "cpu":
-        model.to("cpu")
-    model.eval()
+    model = load_weights(AutoModelForImageTextToText, config.model, device=device, dtype=dtype,
+                         placement=placement, quant=quant)
 
     facts = processor_facts(config.model, architecture, processor, model.config)
     ids = tokenizer.convert_tokens_to_ids
