@@ -6,7 +6,7 @@ part it needs, as its own small config dataclass (see `model_config_for()`, `ima
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -185,23 +185,27 @@ class Settings(BaseSettings):
             watchdog_s=self.watchdog_s,
         )
 
+    def _remote_fields(self) -> dict[str, Any]:
+        """What every remote backend's config takes from the settings besides its URL (`RemoteConfig`): the
+        `TGI_*` timeouts, retries and body limit serve the OpenAI-compatible backend too."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queue": self.max_queue,
+            "request_timeout_s": self.request_timeout_s,
+            "connect_timeout_s": self.tgi_timeout_s,
+            "stall_s": self.tgi_stall_s,
+            "max_retries": self.tgi_max_retries,
+            "start_wait_s": self.tgi_start_wait_s,
+            "max_body_bytes": self.tgi_max_request_bytes,
+        }
+
     def tgi_config(self) -> TgiConfig:
         """The TGI backend's part of the settings (requires `TGI_URL`)."""
         from model_server.config import TgiConfig
 
         if not self.tgi_url:
             raise ValueError("TGI_URL is not set")
-        return TgiConfig(
-            url=self.tgi_url,
-            max_batch_size=self.max_batch_size,
-            max_queue=self.max_queue,
-            request_timeout_s=self.request_timeout_s,
-            connect_timeout_s=self.tgi_timeout_s,
-            stall_s=self.tgi_stall_s,
-            max_retries=self.tgi_max_retries,
-            start_wait_s=self.tgi_start_wait_s,
-            max_body_bytes=self.tgi_max_request_bytes,
-        )
+        return TgiConfig(url=self.tgi_url, **self._remote_fields())
 
     def openai_config(self) -> OpenAIConfig:
         """The OpenAI-compatible backend's part of the settings (requires `OPENAI_BASE_URL`)."""
@@ -211,14 +215,7 @@ class Settings(BaseSettings):
             raise ValueError("OPENAI_BASE_URL is not set")
         return OpenAIConfig(
             url=self.openai_base_url,
-            max_batch_size=self.max_batch_size,
-            max_queue=self.max_queue,
-            request_timeout_s=self.request_timeout_s,
-            connect_timeout_s=self.tgi_timeout_s,
-            stall_s=self.tgi_stall_s,
-            max_retries=self.tgi_max_retries,
-            start_wait_s=self.tgi_start_wait_s,
-            max_body_bytes=self.tgi_max_request_bytes,
+            **self._remote_fields(),
             model=self.openai_model,
             api_key=self.openai_api_key.get_secret_value() if self.openai_api_key else None,
         )

@@ -172,15 +172,7 @@ class Store:
     @retry_when_locked
     async def edit_message(self, platform_id: str, text: str) -> bool:
         """Replace a message's text (the platform's edit event). False if it is not stored."""
-        async with self._sessions() as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.platform_id == platform_id)
-                .values(text=text.replace("\x00", ""))
-                .execution_options(synchronize_session=False)
-            )
-            await commit(session)
-        changed = rowcount(result) > 0
+        changed = await self._update(Message.platform_id == platform_id, text=text.replace("\x00", "")) > 0
         log.debug("edit platform_id=%s text_len=%d found=%s", platform_id, len(text), changed)
         return changed
 
@@ -190,30 +182,14 @@ class Store:
         """Mark a request "pending", "answered" or "failed" (None: not a request). False if not stored."""
         if state is not None and state not in REQUEST_STATES:
             raise InvalidMessage(detail=f"unknown request state {state!r}")
-        async with self._sessions() as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.platform_id == platform_id)
-                .values(request_state=state)
-                .execution_options(synchronize_session=False)
-            )
-            await commit(session)
-        return rowcount(result) > 0
+        return await self._update(Message.platform_id == platform_id, request_state=state) > 0
 
     @retry_when_disconnected("idempotent")  # sets a fixed value
     @retry_when_locked
     async def set_partial_reply(self, platform_id: str, reply_id: str) -> bool:
         """Record the message that shows request `platform_id`'s answer while it is delivered (its first part, once
         sent), so that a restart continues in it. False if the request is not stored."""
-        async with self._sessions() as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.platform_id == platform_id)
-                .values(partial_reply_id=reply_id)
-                .execution_options(synchronize_session=False)
-            )
-            await commit(session)
-        return rowcount(result) > 0
+        return await self._update(Message.platform_id == platform_id, partial_reply_id=reply_id) > 0
 
     @retry_when_disconnected("write")  # compare-and-set: a second run after a lost commit would answer False
     @retry_when_locked  # "database is locked" means nothing was written: safe to run again
@@ -227,15 +203,18 @@ class Store:
         """
         if state not in REQUEST_STATES or expected not in REQUEST_STATES:
             raise InvalidMessage(detail=f"unknown request state {state!r} or {expected!r}")
+        return await self._update(Message.platform_id == platform_id, Message.request_state == expected,
+                                  request_state=state) == 1
+
+    async def _update(self, *conditions: Any, **values: Any) -> int:
+        """One UPDATE of the messages matching `conditions`, committed on its own; how many rows it changed.
+        The retry decorators stay on the public methods: only they know whether running it again is safe."""
         async with self._sessions() as session:
             result = await session.execute(
-                update(Message)
-                .where(Message.platform_id == platform_id, Message.request_state == expected)
-                .values(request_state=state)
-                .execution_options(synchronize_session=False)
+                update(Message).where(*conditions).values(**values).execution_options(synchronize_session=False)
             )
             await commit(session)
-        return rowcount(result) == 1
+        return rowcount(result)
 
     # ------------------------------------------------------------------ messages: delete
 
